@@ -1,0 +1,109 @@
+"""The `aha` console script: one subcommand per pipeline stage.
+
+Every stage takes ``--recipe FILE.yaml`` plus one flag per config field; ``aha STAGE --help``
+lists them with their documentation. Each stage also runs as ``python -m ahamoment.stages.X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from ahamoment import __version__
+from ahamoment import config as cfglib
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    """Module under ahamoment.stages holding the config class and the stage function."""
+    config: str
+    function: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command(
+        "pretrain",
+        "PretrainConfig",
+        "pretrain",
+        "Build the embedded tiny base model: synthetic noisy-trace corpus, BPE tokenizer, Llama.",
+    ),
+    "zero": Command(
+        "zero",
+        "ZeroConfig",
+        "zero",
+        "R1-Zero: GRPO on a base model with rule-based rewards (correctness + format).",
+    ),
+}
+
+
+def _load(cmd: Command) -> tuple[type, Callable[..., Any]]:
+    import importlib
+
+    module = importlib.import_module(f"ahamoment.stages.{cmd.module}")
+    return getattr(module, cmd.config), getattr(module, cmd.function)
+
+
+def _parser(name: str, cmd: Command, config_cls: type) -> argparse.ArgumentParser:
+    doc = (sys.modules[config_cls.__module__].__doc__ or "").strip()
+    parser = argparse.ArgumentParser(
+        prog=f"aha {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--recipe", metavar="FILE", help="YAML recipe; flags given here override it"
+    )
+    cfglib.add_arguments(parser, config_cls)
+    return parser
+
+
+def run_stage(name: str, argv: list[str] | None) -> int:
+    cmd = COMMANDS[name]
+    config_cls, fn = _load(cmd)
+    args = vars(_parser(name, cmd, config_cls).parse_args(argv))
+    recipe = args.pop("recipe", None)
+    console = Console(stderr=False)
+    try:
+        cfg = cfglib.build(config_cls, recipe, **args)
+    except cfglib.ConfigError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    try:
+        result = fn(cfg, console=console)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    if name == "pretrain":
+        console.print(f"base model: {result}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="aha",
+        description="ahamoment: the DeepSeek-R1 recipe end to end, on a laptop or a cluster.",
+        epilog="Run `aha COMMAND --help` for a command's options.",
+    )
+    top.add_argument("--version", action="version", version=f"ahamoment {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        sub.add_parser(name, help=cmd.summary, add_help=False)
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    if argv[0] not in COMMANDS:
+        top.parse_args(argv[:1])  # prints the usage error with the choices
+        return 2
+    return run_stage(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

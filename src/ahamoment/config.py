@@ -1,0 +1,173 @@
+"""Typed configs: dataclasses whose field docstrings become the ``--help`` text.
+
+A stage's config is filled in three layers, later ones winning: the dataclass defaults, a
+YAML recipe (``--recipe recipes/x.yaml``), then command-line flags. Unknown recipe keys are
+errors that name the file and the line, with a suggestion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A bad recipe or flag; the message says what to change."""
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each field of a dataclass (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X] -> X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    try:
+        if tp is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field, its help taken from the field docstring."""
+    docs = field_docs(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (each also settable in a --recipe YAML)")
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        tp = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            metavar = {int: "N", float: "X"}.get(tp, "STR")
+            group.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
+            )
+
+
+def _yaml_key_lines(path: Path) -> dict[str, int]:
+    node = yaml.compose(path.read_text())
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            lines[str(key.value)] = key.start_mark.line + 1
+    return lines
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Load a YAML recipe as a flat mapping; syntax errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a recipe must be a mapping of field: value")
+    return data
+
+
+def build(cls: type[C], recipe: str | Path | None = None, **overrides: Any) -> C:
+    """Defaults, then the recipe, then overrides (CLI flags); validated by ``__post_init__``."""
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any], dict[str, int]]] = []
+    if recipe:
+        layers.append((str(recipe), read_recipe(recipe), _yaml_key_lines(Path(recipe))))
+    layers.append(("command line", overrides, {}))
+    for source, data, lines in layers:
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            where = f"{source}:{lines[key]}" if key in lines else source
+            if key not in names:
+                close = difflib.get_close_matches(key, list(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
+            tp = _field_type(cls, names[key])
+            values[key] = _coerce(value, tp, f"{where}: field {key!r}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

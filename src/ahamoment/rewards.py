@@ -1,0 +1,97 @@
+"""Rewards: pure functions ``fn(problem, completion) -> float``, registered by name.
+
+``score`` computes a weighted sum of named rewards for a batch and keeps each component, the
+count of rewards that raised, and the parse-failure rate, so a reward that silently zeroes
+everything shows up in the logs. Any name of the form ``pkg.mod:fn`` is imported on demand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ahamoment.registry import Registry
+from ahamoment.tasks import get_task
+from ahamoment.tasks.base import Problem, Verdict
+
+Reward = Callable[[Problem, str], float]
+REWARDS = Registry[Reward]("reward")
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
+_FORMAT = re.compile(rf"<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The stripped text of the last ``<answer>…</answer>``, or None if absent or empty."""
+    found = _ANSWER.findall(completion)
+    if not found:
+        return None
+    return found[-1].strip() or None
+
+
+def judge(problem: Problem, completion: str) -> tuple[str | None, Verdict]:
+    """The extracted answer and the task verifier's verdict on it."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return None, Verdict(correct=False, parsed=False, reason="no answer")
+    return answer, get_task(problem.task).verify(problem, answer)
+
+
+@REWARDS.register("format")
+def format_reward(problem: Problem, completion: str) -> float:
+    """1.0 iff the completion is exactly ``<think>…</think>`` then ``<answer>…</answer>``."""
+    m = _FORMAT.fullmatch(completion.strip())
+    return 1.0 if m and m.group(1).strip() else 0.0
+
+
+@REWARDS.register("accuracy")
+def accuracy_reward(problem: Problem, completion: str) -> float:
+    """1.0 iff the last tagged answer is correct by the problem's task verifier."""
+    return 1.0 if judge(problem, completion)[1].correct else 0.0
+
+
+@dataclass
+class RewardBatch:
+    """Rewards for a batch of completions, with what is needed to spot a broken reward."""
+
+    total: list[float]
+    """Weighted sum of the components, one per completion."""
+    components: dict[str, list[float]]
+    """Each reward's unweighted value, one per completion."""
+    errors: dict[str, int]
+    """How many completions each reward raised on (scored 0.0 there)."""
+    parse_fail: list[bool]
+    """True when there is no answer or the verifier could not parse it."""
+    correct: list[bool]
+
+
+def score(
+    problems: Sequence[Problem], completions: Sequence[str], weights: dict[str, float]
+) -> RewardBatch:
+    """Score each completion with ``sum(w * REWARDS.get(name)(p, c))`` over ``weights``."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    fns = {name: REWARDS.get(name) for name in weights}
+    n = len(completions)
+    total = [0.0] * n
+    components: dict[str, list[float]] = {}
+    errors = dict.fromkeys(weights, 0)
+    for name, fn in fns.items():
+        values = []
+        for p, c in zip(problems, completions):
+            try:
+                v = float(fn(p, c))
+            except Exception:
+                v = 0.0
+                errors[name] += 1
+            values.append(v)
+        components[name] = values
+        total = [t + weights[name] * v for t, v in zip(total, values)]
+    parse_fail, correct = [], []
+    for p, c in zip(problems, completions):
+        _, verdict = judge(p, c)
+        parse_fail.append(not verdict.parsed)
+        correct.append(verdict.correct)
+    return RewardBatch(total, components, errors, parse_fail, correct)

@@ -1,0 +1,227 @@
+"""`aha pretrain`: build the embedded base model that R1-Zero starts from.
+
+Loop: write a synthetic corpus of noisy solution traces (rendered in the R1-Zero template),
+train a BPE tokenizer on it, then train a tiny Llama with next-token prediction on packed
+blocks. The result is cached under a key that hashes the corpus generator's config and
+version, the model shape and the training budget, so a changed corpus never reuses a stale
+model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ahamoment.data import sample_excluding
+from ahamoment.models import (
+    build_tokenizer,
+    cache_dir,
+    n_params,
+    new_model,
+    r1_zero_prompt,
+    save_model,
+    tiny_llama_config,
+)
+from ahamoment.progress import progress_bar
+from ahamoment.rewards import judge
+from ahamoment.splits import excluded
+from ahamoment.tasks import get_task
+from ahamoment.tasks.base import TraceNoise
+
+CORPUS_VERSION = 2
+"""Bump when the trace grammar or the corpus generator changes: it invalidates cached models."""
+
+
+@dataclass
+class PretrainConfig:
+    task: str = "countdown"
+    """Task whose noisy solution traces make up the corpus (see `aha zero --help` for tasks)."""
+    tokens: int = 4_000_000
+    """Training tokens (packed blocks x block length x steps)."""
+    corpus_docs: int = 60_000
+    """Number of synthetic documents (prompt + noisy trace) generated for the corpus."""
+    p_give_up: float = 0.6
+    """Corpus noise: after each missed try, give up and guess with this probability."""
+    p_false_hit: float = 0.2
+    """Corpus noise: on a miss, claim a hit anyway (arithmetic stays correct)."""
+    p_check: float = 0.25
+    """Corpus noise: after a claimed hit, recompute the last step on a 'wait,check:' line."""
+    p_drop_tags: float = 0.1
+    """Corpus noise: drop the <think>/<answer> tags of a trace."""
+    p_template: float = 0.25
+    """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
+    vocab_size: int = 512
+    """BPE vocabulary size (digits and operators stay single characters)."""
+    hidden: int = 128
+    """Model width."""
+    layers: int = 4
+    """Transformer layers."""
+    heads: int = 4
+    """Attention heads."""
+    intermediate: int = 384
+    """MLP width."""
+    block: int = 256
+    """Packed training sequence length in tokens."""
+    batch_size: int = 32
+    """Blocks per optimizer step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup: int = 50
+    """Warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for the corpus, the initial weights and the batch order."""
+    threads: int = 0
+    """torch CPU threads; 0 uses every core this process may run on (use 1 on a busy machine)."""
+    out: str = ""
+    """Where to write the model; empty means the cache ($AHAMOMENT_CACHE or ~/.cache/ahamoment)."""
+    force: bool = False
+    """Rebuild even when a cached model with the same key exists."""
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        for name in ("p_give_up", "p_false_hit", "p_check", "p_drop_tags", "p_template"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        if self.tokens < self.block * self.batch_size:
+            raise ValueError("tokens must cover at least one batch (block x batch_size)")
+
+    def noise(self) -> TraceNoise:
+        return TraceNoise(self.p_give_up, self.p_false_hit, self.p_check, self.p_drop_tags)
+
+    def cache_key(self) -> str:
+        keyed = {k: v for k, v in asdict(self).items() if k not in ("threads", "out", "force")}
+        keyed["task_version"] = getattr(get_task(self.task), "version", 1)
+        keyed["corpus_version"] = CORPUS_VERSION
+        blob = json.dumps(keyed, sort_keys=True).encode()
+        return f"{self.task}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+    def output_dir(self) -> Path:
+        return Path(self.out) if self.out else cache_dir() / "models" / self.cache_key()
+
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.block * self.batch_size))
+
+
+def make_corpus(cfg: PretrainConfig) -> tuple[list[str], dict[str, float]]:
+    """Documents (prompt + noisy trace), decontaminated against held-out and real problems."""
+    task = get_task(cfg.task)
+    exclude = excluded(cfg.task)
+    rng = random.Random(cfg.seed)
+    noise = cfg.noise()
+    docs, correct, formatted = [], 0, 0
+    for _ in range(cfg.corpus_docs):
+        problem = sample_excluding(task, rng, exclude)
+        completion = task.trace(problem, rng, noise)
+        answer, verdict = judge(problem, completion)
+        correct += int(verdict.correct)
+        formatted += int("</think>" in completion and "<answer>" in completion)
+        # The constant R1-Zero preamble carries no information, so only a share of documents
+        # pays its ~60 tokens; the rest use the bare "User: … Assistant:" turn it ends with.
+        if rng.random() < cfg.p_template:
+            prompt = r1_zero_prompt(problem.question)
+        else:
+            prompt = f"User: {problem.question} Assistant:"
+        docs.append(prompt + completion)
+    n = max(1, len(docs))
+    return docs, {"corpus_accuracy": correct / n, "corpus_format_rate": formatted / n}
+
+
+def pretrain(cfg: PretrainConfig, console=None) -> Path:
+    """Build (or reuse) the base model; returns its directory."""
+    out = cfg.output_dir()
+    if (out / "config.json").exists() and not cfg.force:
+        return out
+    torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0))))
+    t0 = time.time()
+    docs, corpus_stats = make_corpus(cfg)
+    # BPE sees whole templates at least a few thousand times, so its merges cover them.
+    tokenizer = build_tokenizer(docs[:20_000] + [r1_zero_prompt("")] * 2000, cfg.vocab_size)
+    eos = tokenizer.eos_token
+    ids = tokenizer([d + eos for d in docs], add_special_tokens=False, return_attention_mask=False)[
+        "input_ids"
+    ]
+    stream = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    n_blocks = (len(stream) - 1) // cfg.block
+    # (n_blocks, block + 1): inputs are [:, :-1], targets [:, 1:]; blocks overlap by one token
+    blocks = stream[: n_blocks * cfg.block + 1].unfold(0, cfg.block + 1, cfg.block)
+
+    model_cfg = tiny_llama_config(
+        tokenizer, cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, max_positions=1024
+    )
+    model = new_model(model_cfg, cfg.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    steps = cfg.steps()
+
+    def lr_lambda(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    loss_val = float("nan")
+    with progress_bar(console) as bar:
+        task_id = bar.add_task("pretrain", total=steps, info="")
+        for _ in range(steps):
+            batch = blocks[torch.randint(0, len(blocks), (cfg.batch_size,), generator=gen)]
+            logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+            accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = loss.item()
+            bar.update(task_id, advance=1, info=f"loss {loss_val:.3f}")
+    model = accelerator.unwrap_model(model)
+    tmp = out.with_name(out.name + ".tmp")
+    save_model(model, tokenizer, tmp)
+    meta = {
+        "task": cfg.task,
+        "params": n_params(model),
+        "corpus_docs": len(docs),
+        "corpus_tokens": int(len(stream)),
+        "train_tokens": steps * cfg.batch_size * cfg.block,
+        "final_loss": loss_val,
+        "wall_s": round(time.time() - t0, 1),
+        "config": asdict(cfg),
+        "corpus_version": CORPUS_VERSION,
+        **corpus_stats,
+    }
+    (tmp / "ahamoment_pretrain.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ahamoment.cli import run_stage
+
+    return run_stage("pretrain", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

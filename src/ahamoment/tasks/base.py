@@ -1,0 +1,84 @@
+"""The task interface: a seeded generator, a JSONL loader, the prompt, a verifier, and the
+noisy solution traces that make the pretraining corpus of the embedded default model."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Problem:
+    """One task instance.
+
+    ``question`` is the user-facing text that goes into the R1-Zero template; ``answer`` is
+    the gold answer as a string (for Countdown only the target: it is *not* a valid
+    completion answer); ``fields`` holds task-specific data such as ``nums`` and ``target``.
+    """
+
+    id: str
+    task: str
+    question: str
+    answer: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """What a verifier says about one extracted answer."""
+
+    correct: bool
+    parsed: bool
+    """False when the answer could not be parsed at all (counted as a parse failure)."""
+    reason: str = ""
+
+
+@dataclass
+class TraceNoise:
+    """How the synthetic pretraining traces go wrong (see FINDINGS.md for the measured effect)."""
+
+    p_give_up: float = 0.6
+    """After each miss, stop searching and guess a random candidate with this probability."""
+    p_false_hit: float = 0.2
+    """On a miss, claim a hit anyway (a slip that a 'wait,check:' line can catch)."""
+    p_check: float = 0.25
+    """After a claimed hit, write a 'wait,check:' line that recomputes the last step."""
+    p_drop_tags: float = 0.1
+    """Drop the <think>/<answer> tags of a trace (a format failure for RL to fix)."""
+
+
+# A constant template: a name plus a function from a problem to an answer string.
+Template = tuple[str, Callable[[Problem], str]]
+
+
+class Task:
+    """Base class: subclasses implement the methods below and register an instance."""
+
+    name: str = ""
+
+    def sample(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def canonical(self, problem: Problem) -> str:
+        """A key equal for problems that are the same up to reordering (used for dedupe)."""
+        raise NotImplementedError
+
+    def load_jsonl(self, path: str) -> list[Problem]:
+        raise NotImplementedError
+
+    def verify(self, problem: Problem, answer: str) -> Verdict:
+        raise NotImplementedError
+
+    def trace(self, problem: Problem, rng: random.Random, noise: TraceNoise) -> str:
+        """A noisy completion (``<think>…</think>\\n<answer>…</answer>``) for the corpus."""
+        raise NotImplementedError
+
+    def normalize(self, answer: str) -> str:
+        """The form answers are compared in for a majority vote (default: no whitespace)."""
+        return "".join(answer.split())
+
+    def templates(self) -> list[Template]:
+        """Constant answer templates, for the baseline measured before training."""
+        return []

@@ -1,0 +1,341 @@
+"""Countdown: combine the given numbers, each exactly once, into an expression equal to a target.
+
+Two instances are registered:
+
+- ``countdown`` (the default): 3 numbers from 1 to 25 with + and -, 10,894 distinct problems.
+- ``countdown_tinyzero``: 3 or 4 numbers from 1 to 99 with + - * /, the TinyZero form; it
+  also loads the real Countdown-Tasks-3to4 rows.
+
+Targets are drawn uniformly over the *distinct* reachable values, not over expressions: with
+duplicates, a+b+c dominated and a constant template looked like learning (FINDINGS.md).
+
+The pretraining traces search left-to-right chains such as ``7-5=2,2+13=15,yes``. Chains keep
+every intermediate result a non-negative integer, so a step is always ``a{op}b=r`` over plain
+digits. For + and - every reachable target has such a chain; for * and / some targets are
+reachable only by other bracketings, so a noiseless trace can still miss them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from math import comb
+
+from ahamoment.data import DataError, read_jsonl
+from ahamoment.tasks import TASKS
+from ahamoment.tasks.base import Problem, Task, Template, TraceNoise, Verdict
+from ahamoment.tasks.expr import MAX_LITERAL, ExprError, evaluate
+
+_OP_WORDS = {1: "{0}", 2: "{0} and {1}", 3: "{0}, {1} and {2}", 4: "{0}, {1}, {2} and {3}"}
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One left-to-right try: steps ``(a, op, b, result)`` and the flat expression."""
+
+    steps: tuple[tuple[int, str, int, int], ...]
+    expr: str
+
+    @property
+    def value(self) -> int:
+        return self.steps[-1][3]
+
+
+def _step(a: int, op: str, b: int, r: int) -> str:
+    return f"{a}{op}{b}={r}"
+
+
+class Countdown(Task):
+    """Countdown with ``n_numbers`` numbers drawn from ``[lo, hi]`` and operators ``ops``."""
+
+    def __init__(
+        self,
+        name: str,
+        n_numbers: tuple[int, ...],
+        lo: int,
+        hi: int,
+        ops: str,
+        max_target: int | None = None,
+    ) -> None:
+        if not ops or set(ops) - set("+-*/") or len(set(ops)) != len(ops):
+            raise ValueError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
+        if not n_numbers or min(n_numbers) < 2:
+            raise ValueError(f"n_numbers must all be >= 2, got {n_numbers}")
+        if not (0 <= lo <= hi <= MAX_LITERAL and hi >= 1):
+            raise ValueError(f"need 0 <= lo <= hi <= {MAX_LITERAL}, hi >= 1; got {lo}, {hi}")
+        self.name = name
+        self.n_numbers = tuple(n_numbers)
+        self.lo, self.hi = lo, hi
+        self.ops = "".join(o for o in "+-*/" if o in ops)
+        self.max_target = max_target
+
+    # --- problems ---------------------------------------------------------------------------
+
+    def reachable(self, nums: tuple[int, ...]) -> tuple[int, ...]:
+        """Sorted distinct positive integer targets reachable from sorted ``nums``, each once."""
+        return _reachable(nums, self.ops, self.max_target)
+
+    def _question(self, nums: list[int], target: int) -> str:
+        ops = _OP_WORDS[len(self.ops)].format(*self.ops)
+        return (
+            f"Using the numbers {nums}, create an equation that equals {target}. "
+            f"You can use {ops} and each number must be used exactly once."
+        )
+
+    def make(self, nums: list[int], target: int, id: str | None = None) -> Problem:
+        """A problem of this task from its numbers and target."""
+        key = f"{','.join(map(str, sorted(nums)))}->{target}"
+        return Problem(
+            id=id or f"{self.name}:{key}",
+            task=self.name,
+            question=self._question(nums, target),
+            answer=str(target),
+            fields={"nums": list(nums), "target": target},
+        )
+
+    def sample(self, rng: random.Random) -> Problem:
+        while True:
+            k = rng.choice(self.n_numbers)
+            nums = [rng.randint(self.lo, self.hi) for _ in range(k)]
+            targets = self.reachable(tuple(sorted(nums)))
+            if targets:  # empty only when every number drawn is 0
+                return self.make(nums, rng.choice(targets))
+
+    def canonical(self, problem: Problem) -> str:
+        nums = sorted(problem.fields["nums"])
+        return f"{','.join(map(str, nums))}->{problem.fields['target']}"
+
+    def count_space(self, max_multisets: int = 500_000) -> int:
+        """Exact number of distinct (sorted numbers, positive reachable target) problems."""
+        width = self.hi - self.lo + 1
+        total_sets = sum(_n_multisets(width, k) for k in set(self.n_numbers))
+        if total_sets > max_multisets:
+            raise NotImplementedError(
+                f"{self.name}: {total_sets:,} number multisets is too many to enumerate"
+            )
+        return sum(
+            len(self.reachable(nums))
+            for k in set(self.n_numbers)
+            for nums in itertools.combinations_with_replacement(range(self.lo, self.hi + 1), k)
+        )
+
+    def load_jsonl(self, path: str) -> list[Problem]:
+        """Rows with ``nums`` (list of ints) and ``target`` (int); ``id`` is optional."""
+        out = []
+        for lineno, row in read_jsonl(path):
+            nums, target = row.get("nums"), row.get("target")
+            if not (
+                isinstance(nums, list)
+                and len(nums) >= 2
+                and all(type(n) is int and 0 <= n <= MAX_LITERAL for n in nums)
+            ):
+                raise DataError(
+                    f"{path}:{lineno}: 'nums' must be a list of at least 2 integers in "
+                    f"[0, {MAX_LITERAL}], got {nums!r}"
+                )
+            if type(target) is not int:
+                raise DataError(f"{path}:{lineno}: 'target' must be an integer, got {target!r}")
+            out.append(self.make(nums, target, id=str(row.get("id", f"{path}:{lineno}"))))
+        return out
+
+    # --- grading ----------------------------------------------------------------------------
+
+    def normalize(self, answer: str) -> str:
+        """The answer without whitespace (the key for majority voting)."""
+        return "".join(answer.split())
+
+    def verify(self, problem: Problem, answer: str) -> Verdict:
+        if not isinstance(answer, str):
+            return Verdict(correct=False, parsed=False, reason="unparseable")
+        text = answer.strip()
+        if text.count("=") == 1:
+            left, right = text.split("=")
+            if _is_number(right.strip()):
+                text = left
+        try:
+            value, literals = evaluate(text, self.ops)
+        except ExprError as e:
+            if e.reason == "division by zero":
+                return Verdict(correct=False, parsed=True, reason="division by zero")
+            return Verdict(correct=False, parsed=False, reason="unparseable")
+        nums, target = problem.fields.get("nums"), problem.fields.get("target")
+        if not isinstance(nums, list) or type(target) is not int:
+            # A gold answer we cannot read must never give credit.
+            return Verdict(correct=False, parsed=True, reason="bad gold")
+        if Counter(literals) != Counter(nums):
+            return Verdict(correct=False, parsed=True, reason="numbers")
+        if value != target:
+            return Verdict(correct=False, parsed=True, reason="value")
+        return Verdict(correct=True, parsed=True)
+
+    def templates(self) -> list[Template]:
+        """Sign patterns over the numbers sorted descending (largest always +), sum, product."""
+        out: list[Template] = []
+        if "+" in self.ops and "-" in self.ops:
+            for k in sorted(set(self.n_numbers)):
+                for signs in itertools.product("+-", repeat=k - 1):
+                    name = "s0" + "".join(f"{s}s{i + 1}" for i, s in enumerate(signs))
+                    out.append((name, _sign_template(signs)))
+        elif "+" in self.ops:
+            out.append(("sum", lambda p: "+".join(map(str, p.fields["nums"]))))
+        if "*" in self.ops:
+            out.append(("product", lambda p: "*".join(map(str, p.fields["nums"]))))
+        return out
+
+    # --- traces -----------------------------------------------------------------------------
+
+    def chains(self, nums: list[int]) -> list[Chain]:
+        """All distinct left-to-right chains whose intermediate results are integers >= 0."""
+        out = []
+        for perm in sorted(set(itertools.permutations(nums))):
+            for ops in itertools.product(self.ops, repeat=len(perm) - 1):
+                chain = _chain(perm, ops)
+                if chain is not None:
+                    out.append(chain)
+        return out
+
+    def trace(self, problem: Problem, rng: random.Random, noise: TraceNoise) -> str:
+        """A noisy search over chains in random order; grammar in the module docstring."""
+        target = problem.fields["target"]
+        cands = self.chains(problem.fields["nums"])
+        order = cands[:]
+        rng.shuffle(order)
+        lines: list[str] = []
+        answer = order[-1].expr  # used if every candidate is tried and missed
+        for chain in order:
+            steps = [_step(*s) for s in chain.steps]
+            if chain.value == target:
+                lines.append(",".join(steps) + ",yes")
+                if rng.random() < noise.p_check:
+                    lines.append(f"wait,check:{steps[-1]},yes")
+                answer = chain.expr
+                break
+            if rng.random() < noise.p_false_hit:
+                # A comparison slip: the arithmetic stays right but the miss is called a hit.
+                lines.append(",".join(steps) + ",yes")
+                if rng.random() >= noise.p_check:
+                    answer = chain.expr
+                    break
+                lines.append(f"wait,check:{steps[-1]},no")
+            else:
+                lines.append(",".join(steps) + ",no")
+            if rng.random() < noise.p_give_up:
+                answer = rng.choice(cands).expr
+                break
+        return _render(lines, answer, drop_tags=rng.random() < noise.p_drop_tags)
+
+
+def _render(lines: list[str], answer: str, drop_tags: bool) -> str:
+    if drop_tags:
+        return "\n".join([*lines, answer])
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n<answer>{answer}</answer>"
+
+
+def _chain(perm: tuple[int, ...], ops: tuple[str, ...]) -> Chain | None:
+    acc, expr, last_op = perm[0], str(perm[0]), ""
+    steps = []
+    for op, b in zip(ops, perm[1:]):
+        if op == "+":
+            r = acc + b
+        elif op == "-":
+            r = acc - b
+        elif op == "*":
+            r = acc * b
+        elif b == 0 or acc % b:
+            return None
+        else:
+            r = acc // b
+        if r < 0:
+            return None
+        # Brackets make standard precedence give the chain's left-to-right value.
+        if op in "*/" and last_op in ("+", "-"):
+            expr = f"({expr})"
+        expr, last_op = f"{expr}{op}{b}", op
+        steps.append((acc, op, b, r))
+        acc = r
+    return Chain(tuple(steps), expr)
+
+
+@lru_cache(maxsize=200_000)
+def _reachable(nums: tuple[int, ...], ops: str, max_target: int | None) -> tuple[int, ...]:
+    if ops == "+-":
+        # Any bracketing of + and - is a sum of +-n with at least one plus; the patterns with
+        # n0 positive and their negations cover all of them.
+        values: set[Fraction] = set()
+        for signs in itertools.product((1, -1), repeat=len(nums) - 1):
+            s = nums[0] + sum(sg * n for sg, n in zip(signs, nums[1:]))
+            values.update((Fraction(s), Fraction(-s)))
+    else:
+        values = _tree_values(tuple(Fraction(n) for n in nums), ops)
+    out = sorted(
+        int(v)
+        for v in values
+        if v.denominator == 1 and v > 0 and (max_target is None or v <= max_target)
+    )
+    return tuple(out)
+
+
+def _tree_values(vals: tuple[Fraction, ...], ops: str) -> set[Fraction]:
+    """Every value of every binary tree over ``vals`` (each used once) with ``ops``."""
+    n = len(vals)
+    by_mask: dict[int, set[Fraction]] = {1 << i: {v} for i, v in enumerate(vals)}
+    for mask in range(1, 1 << n):
+        if mask in by_mask:
+            continue
+        out: set[Fraction] = set()
+        sub = (mask - 1) & mask
+        while sub:
+            rest = mask ^ sub
+            if sub < rest:  # each unordered split once; both operand orders are tried below
+                for a in by_mask[sub]:
+                    for b in by_mask[rest]:
+                        out.update(_combine(a, b, ops))
+            sub = (sub - 1) & mask
+        by_mask[mask] = out
+    return by_mask[(1 << n) - 1]
+
+
+def _combine(a: Fraction, b: Fraction, ops: str) -> list[Fraction]:
+    out = []
+    if "+" in ops:
+        out.append(a + b)
+    if "-" in ops:
+        out += [a - b, b - a]
+    if "*" in ops:
+        out.append(a * b)
+    if "/" in ops:
+        if b:
+            out.append(a / b)
+        if a:
+            out.append(b / a)
+    return out
+
+
+def _n_multisets(width: int, k: int) -> int:
+    return comb(width + k - 1, k)
+
+
+def _is_number(s: str) -> bool:
+    return s.isascii() and (s[1:] if s.startswith("-") else s).isdigit()
+
+
+def _sign_template(signs: tuple[str, ...]) -> Callable[[Problem], str]:
+    def fn(p: Problem) -> str:
+        nums = sorted(p.fields["nums"], reverse=True)
+        if len(nums) != len(signs) + 1:
+            return ""  # the pattern is for another count of numbers
+        return str(nums[0]) + "".join(f"{s}{n}" for s, n in zip(signs, nums[1:]))
+
+    return fn
+
+
+COUNTDOWN = TASKS.add("countdown", Countdown("countdown", (3,), 1, 25, "+-"))
+COUNTDOWN_TINYZERO = TASKS.add(
+    "countdown_tinyzero",
+    Countdown("countdown_tinyzero", (3, 4), 1, 99, "+-*/", max_target=1000),
+)

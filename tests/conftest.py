@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny model and tokenizer built from a config, no network, one thread."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ahamoment.models import build_tokenizer, new_model, r1_zero_prompt, tiny_llama_config
+from ahamoment.tasks import get_task
+from ahamoment.tasks.base import TraceNoise
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AHAMOMENT_CACHE", str(tmp_path / "cache"))
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    task = get_task("countdown")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        p = task.sample(rng)
+        docs.append(r1_zero_prompt(p.question) + task.trace(p, rng, TraceNoise()))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer(corpus(), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    cfg = tiny_llama_config(
+        tiny_tokenizer, hidden=32, layers=2, heads=2, intermediate=64, max_positions=512
+    )
+    return new_model(cfg, seed=0).eval()

@@ -1,0 +1,94 @@
+"""Configs: docstrings become --help, recipes load, bad input names the file and line."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ahamoment import config as cfglib
+from ahamoment.stages.pretrain import PretrainConfig
+from ahamoment.stages.zero import ZeroConfig
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@dataclass
+class Toy:
+    steps: int = 3
+    """How many steps."""
+    lr: float = 0.1
+    """Learning rate."""
+    name: str = "x"
+    """A name."""
+    flag: bool = False
+    """A switch."""
+
+
+def test_field_docs_are_read_from_source():
+    assert cfglib.field_docs(Toy) == {
+        "steps": "How many steps.",
+        "lr": "Learning rate.",
+        "name": "A name.",
+        "flag": "A switch.",
+    }
+
+
+@pytest.mark.parametrize("cls", [ZeroConfig, PretrainConfig])
+def test_every_stage_field_is_documented(cls):
+    import dataclasses
+
+    docs = cfglib.field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert missing == []
+
+
+def test_layers_defaults_recipe_then_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 10\nlr: 0.5\n")
+    cfg = cfglib.build(Toy, recipe, lr="0.25", flag="true")
+    assert (cfg.steps, cfg.lr, cfg.name, cfg.flag) == (10, 0.25, "x", True)
+
+
+def test_unknown_recipe_key_names_file_line_and_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 10\n\nlearning_rat: 0.5\n")
+    with pytest.raises(cfglib.ConfigError, match=r"r\.yaml:3: unknown field 'learning_rat'"):
+        cfglib.build(ZeroConfig, recipe)
+    with pytest.raises(cfglib.ConfigError, match="did you mean 'lr'"):
+        cfglib.build(Toy, recipe.write_text("lrr: 1\n") and recipe)
+
+
+def test_bad_value_and_bad_yaml_name_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 10\nlr: fast\n")
+    with pytest.raises(cfglib.ConfigError, match=r"r\.yaml:2: field 'lr'"):
+        cfglib.build(Toy, recipe)
+    recipe.write_text("steps: 10\nlr: [1,\n")
+    with pytest.raises(cfglib.ConfigError, match=r"r\.yaml:\d+: invalid YAML"):
+        cfglib.build(Toy, recipe)
+
+
+def test_post_init_rejects_bad_combinations():
+    with pytest.raises(cfglib.ConfigError, match="minibatches"):
+        cfglib.build(ZeroConfig, prompts_per_step=4, group_size=3, minibatches=5)
+    with pytest.raises(cfglib.ConfigError, match="unknown policy loss"):
+        cfglib.build(ZeroConfig, loss="nope")
+    with pytest.raises(cfglib.ConfigError, match="group_size"):
+        cfglib.build(ZeroConfig, group_size=1)
+
+
+def test_reward_weights_parse():
+    cfg = ZeroConfig(reward="accuracy=1.0, format=0.1")
+    assert cfg.reward_weights() == {"accuracy": 1.0, "format": 0.1}
+    assert ZeroConfig(reward="accuracy").reward_weights() == {"accuracy": 1.0}
+    with pytest.raises(ValueError, match="unknown reward"):
+        ZeroConfig(reward="accurcy=1")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    assert RECIPES, "no recipes found"
+    text = recipe.read_text()
+    cls = PretrainConfig if recipe.name.startswith("pretrain") else ZeroConfig
+    cfg = cfglib.build(cls, recipe)
+    assert isinstance(cfg, cls) and text

@@ -1,0 +1,108 @@
+"""End to end through the real `aha` CLI: pretrain, zero, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parent.parent
+TINY = str(ROOT / "recipes" / "pretrain-tiny.yaml")
+TIMING = {"rollout_tok_s", "train_tok_s", "step_s"}
+ZERO_TINY = [
+    "--steps", "4", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24",
+    "--heldout-n", "6", "--eval-k", "2", "--eval-every", "2", "--eval-n", "3",
+    "--no-real-eval", "--threads", "1", "--save-every", "1", "--minibatches", "2",
+]  # fmt: skip
+
+
+def aha(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ahamoment.cli", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "AHAMOMENT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "model"
+    aha("pretrain", "--recipe", TINY, "--out", str(out), "--threads", "1")
+    return out
+
+
+@pytest.mark.slow
+def test_pretrain_then_zero_through_the_cli(tiny_base, tmp_path):
+    meta = json.loads((tiny_base / "ahamoment_pretrain.json").read_text())
+    assert meta["corpus_docs"] == 600 and 0 < meta["corpus_accuracy"] < 1
+    run = tmp_path / "run"
+    res = aha("zero", "--model", str(tiny_base), *ZERO_TINY, "--out", str(run))
+    assert "Held-out 6 problems" in res.stdout and "pass@1" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    for side in ("base", "trained"):
+        for key in ("greedy_acc", "pass1", "passk", "format_rate", "mean_len", "reflection_rate"):
+            assert 0 <= summary[side][key] <= (128 if key == "mean_len" else 1)
+    assert summary["heldout_n"] == 6 and 0 <= summary["template_baseline"] <= 1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "eval/pass1" in rows[1] and "reward/accuracy" in rows[0] and "reward/format" in rows[0]
+    assert (run / "final" / "model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+@pytest.mark.slow
+def test_zero_builds_the_default_model_on_first_use_and_caches_it(tmp_path):
+    env = _env(tmp_path)
+    args = ["zero", "--pretrain-recipe", TINY, *ZERO_TINY, "--steps", "1"]
+    first = aha(*args, "--out", str(tmp_path / "a"), env=env)
+    assert "building it" in first.stdout
+    models = list((tmp_path / "cache" / "models").iterdir())
+    assert len(models) == 1 and models[0].name.startswith("countdown-")
+    second = aha(*args, "--out", str(tmp_path / "b"), env=env)
+    assert "building it" not in second.stdout
+    assert list((tmp_path / "cache" / "models").iterdir()) == models
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_base, tmp_path, sig):
+    args = ["zero", "--model", str(tiny_base), *ZERO_TINY, "--steps", "6"]
+    straight = tmp_path / "straight"
+    aha(*args, "--out", str(straight))
+
+    broken = tmp_path / "broken"
+    cmd = [sys.executable, "-m", "ahamoment.cli", *args, "--out", str(broken)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (broken / "checkpoints" / "step-2").exists():
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not (broken / "summary.json").exists()
+    aha(*args, "--out", str(broken), "--resume")
+
+    assert _rows(broken) == _rows(straight)
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(broken / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
