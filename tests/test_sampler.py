@@ -85,3 +85,16 @@ def test_seeded_sampling_is_reproducible(tiny_model, temperature):
     a = sample(tiny_model, prompts, params, torch.Generator().manual_seed(1))
     b = sample(tiny_model, prompts, params, torch.Generator().manual_seed(1))
     assert [o.ids for o in a] == [o.ids for o in b]
+
+
+def test_grouped_prompts_are_prefilled_once_with_the_same_result(tiny_model):
+    prompts = _prompts(3, tiny_model.config.vocab_size, seed=6)
+    grouped = [p for p in prompts for _ in range(4)]  # a GRPO batch: 3 groups of 4
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    outs = sample(tiny_model, grouped, params)
+    alone = sample(tiny_model, prompts, params)
+    for i, o in enumerate(outs):
+        assert o.ids == alone[i // 4].ids
+        torch.testing.assert_close(
+            torch.tensor(o.logprobs), torch.tensor(alone[i // 4].logprobs), atol=1e-5, rtol=0
+        )

@@ -38,7 +38,7 @@ from ahamoment.splits import excluded
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import TraceNoise
 
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 """Bump when the trace grammar or the corpus generator changes: it invalidates cached models."""
 
 
@@ -58,6 +58,8 @@ class PretrainConfig:
     """Corpus noise: after a claimed hit, recompute the last step on a 'wait,check:' line."""
     p_drop_tags: float = 0.1
     """Corpus noise: drop the <think>/<answer> tags of a trace."""
+    p_guess: float = 1.0
+    """Corpus noise: on giving up, answer a random candidate (else the last try)."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
     vocab_size: int = 512
@@ -92,14 +94,16 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        for name in ("p_give_up", "p_false_hit", "p_check", "p_drop_tags", "p_template"):
+        for name in ("p_give_up", "p_false_hit", "p_check", "p_drop_tags", "p_template", "p_guess"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.tokens < self.block * self.batch_size:
             raise ValueError("tokens must cover at least one batch (block x batch_size)")
 
     def noise(self) -> TraceNoise:
-        return TraceNoise(self.p_give_up, self.p_false_hit, self.p_check, self.p_drop_tags)
+        return TraceNoise(
+            self.p_give_up, self.p_false_hit, self.p_check, self.p_drop_tags, self.p_guess
+        )
 
     def cache_key(self) -> str:
         keyed = {k: v for k, v in asdict(self).items() if k not in ("threads", "out", "force")}

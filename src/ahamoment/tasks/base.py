@@ -47,6 +47,8 @@ class TraceNoise:
     """After a claimed hit, write a 'wait,check:' line that recomputes the last step."""
     p_drop_tags: float = 0.1
     """Drop the <think>/<answer> tags of a trace (a format failure for RL to fix)."""
+    p_guess: float = 1.0
+    """On giving up, answer a random candidate (a guess); otherwise answer the last try."""
 
 
 # A constant template: a name plus a function from a problem to an answer string.

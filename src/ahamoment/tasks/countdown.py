@@ -225,7 +225,7 @@ class Countdown(Task):
             else:
                 lines.append(",".join(steps) + ",no")
             if rng.random() < noise.p_give_up:
-                answer = rng.choice(cands).expr
+                answer = rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
                 break
         return _render(lines, answer, drop_tags=rng.random() < noise.p_drop_tags)
 
