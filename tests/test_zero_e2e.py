@@ -106,3 +106,40 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_base, tmp_path, sig):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_model(tmp_path):
+    base = [
+        "pretrain",
+        "--recipe",
+        TINY,
+        "--threads",
+        "1",
+        "--tokens",
+        "60000",
+        "--save-every",
+        "3",
+    ]
+    straight = tmp_path / "straight"
+    aha(*base, "--out", str(straight))
+
+    broken = tmp_path / "broken"
+    cmd = [sys.executable, "-m", "ahamoment.cli", *base, "--out", str(broken)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_point = tmp_path / "broken.tmp" / "resume.pt"
+    deadline = time.time() + 120
+    while not resume_point.exists():
+        assert proc.poll() is None, "pretraining ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (broken / "config.json").exists()
+    aha(*base, "--out", str(broken))
+    meta = json.loads((broken / "ahamoment_pretrain.json").read_text())
+    assert meta["resumed_at_step"] and meta["resumed_at_step"] % 3 == 0
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(broken / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

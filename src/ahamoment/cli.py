@@ -80,6 +80,11 @@ def run_stage(name: str, argv: list[str] | None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]Interrupted.[/] Progress is saved: run the same `aha {name}` again to resume."
+        )
+        return 130
     if name == "pretrain":
         console.print(f"base model: {result}")
     return 0

@@ -26,6 +26,7 @@ from ahamoment.data import sample_excluding
 from ahamoment.models import (
     build_tokenizer,
     cache_dir,
+    load_tokenizer,
     n_params,
     new_model,
     r1_zero_prompt,
@@ -48,7 +49,7 @@ class PretrainConfig:
     """Task whose noisy solution traces make up the corpus (see `aha zero --help` for tasks)."""
     tokens: int = 4_000_000
     """Training tokens (packed blocks x block length x steps)."""
-    corpus_docs: int = 60_000
+    corpus_docs: int = 80_000
     """Number of synthetic documents (prompt + noisy trace) generated for the corpus."""
     p_give_up: float = 0.6
     """Corpus noise: after each missed try, give up and guess with this probability."""
@@ -58,7 +59,7 @@ class PretrainConfig:
     """Corpus noise: after a claimed hit, recompute the last step on a 'wait,check:' line."""
     p_drop_tags: float = 0.1
     """Corpus noise: drop the <think>/<answer> tags of a trace."""
-    p_guess: float = 1.0
+    p_guess: float = 0.0
     """Corpus noise: on giving up, answer a random candidate (else the last try)."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
@@ -74,11 +75,11 @@ class PretrainConfig:
     """MLP width."""
     block: int = 256
     """Packed training sequence length in tokens."""
-    batch_size: int = 32
+    batch_size: int = 8
     """Blocks per optimizer step."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
-    warmup: int = 50
+    warmup: int = 100
     """Warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
@@ -89,7 +90,9 @@ class PretrainConfig:
     out: str = ""
     """Where to write the model; empty means the cache ($AHAMOMENT_CACHE or ~/.cache/ahamoment)."""
     force: bool = False
-    """Rebuild even when a cached model with the same key exists."""
+    """Rebuild from scratch even when a cached (or half-built) model with the same key exists."""
+    save_every: int = 200
+    """Save a resume point every N optimizer steps (Ctrl-C saves one too)."""
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -106,7 +109,8 @@ class PretrainConfig:
         )
 
     def cache_key(self) -> str:
-        keyed = {k: v for k, v in asdict(self).items() if k not in ("threads", "out", "force")}
+        ignored = ("threads", "out", "force", "save_every")
+        keyed = {k: v for k, v in asdict(self).items() if k not in ignored}
         keyed["task_version"] = getattr(get_task(self.task), "version", 1)
         keyed["corpus_version"] = CORPUS_VERSION
         blob = json.dumps(keyed, sort_keys=True).encode()
@@ -144,20 +148,31 @@ def make_corpus(cfg: PretrainConfig) -> tuple[list[str], dict[str, float]]:
 
 
 def pretrain(cfg: PretrainConfig, console=None) -> Path:
-    """Build (or reuse) the base model; returns its directory."""
+    """Build (or reuse) the base model; returns its directory.
+
+    Work in progress lives in ``<out>.tmp`` with a resume checkpoint every ``save_every``
+    steps, so an interrupted build continues where it stopped when run again.
+    """
     out = cfg.output_dir()
     if (out / "config.json").exists() and not cfg.force:
         return out
     torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0))))
     t0 = time.time()
+    tmp = out.with_name(out.name + ".tmp")
+    resume_file = tmp / "resume.pt"
+    if cfg.force and tmp.exists():
+        shutil.rmtree(tmp)
+
+    # corpus and tokenizer (the corpus is seeded; the tokenizer is saved with the first checkpoint)
     docs, corpus_stats = make_corpus(cfg)
-    # BPE sees whole templates at least a few thousand times, so its merges cover them.
-    tokenizer = build_tokenizer(docs[:20_000] + [r1_zero_prompt("")] * 2000, cfg.vocab_size)
+    if resume_file.exists():
+        tokenizer = load_tokenizer(tmp)
+    else:
+        # BPE sees the whole template thousands of times, so its merges cover it.
+        tokenizer = build_tokenizer(docs[:20_000] + [r1_zero_prompt("")] * 2000, cfg.vocab_size)
     eos = tokenizer.eos_token
-    ids = tokenizer([d + eos for d in docs], add_special_tokens=False, return_attention_mask=False)[
-        "input_ids"
-    ]
-    stream = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    ids = tokenizer([d + eos for d in docs], add_special_tokens=False, return_attention_mask=False)
+    stream = torch.tensor([t for doc in ids["input_ids"] for t in doc], dtype=torch.long)
     n_blocks = (len(stream) - 1) // cfg.block
     # (n_blocks, block + 1): inputs are [:, :-1], targets [:, 1:]; blocks overlap by one token
     blocks = stream[: n_blocks * cfg.block + 1].unfold(0, cfg.block + 1, cfg.block)
@@ -178,28 +193,58 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if resume_file.exists():
+        state = torch.load(resume_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start = state["step"]
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def save_progress(step: int) -> None:
+        if not tmp.exists():
+            tokenizer.save_pretrained(str(tmp))
+        blob = {
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": gen.get_state(),
+            "step": step,
+        }
+        torch.save(blob, tmp / "resume.pt.part")
+        (tmp / "resume.pt.part").replace(resume_file)  # atomic: never a half-written file
+
     model.train()
     loss_val = float("nan")
-    with progress_bar(console) as bar:
-        task_id = bar.add_task("pretrain", total=steps, info="")
-        for _ in range(steps):
-            batch = blocks[torch.randint(0, len(blocks), (cfg.batch_size,), generator=gen)]
-            logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-            )
-            accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_val = loss.item()
-            bar.update(task_id, advance=1, info=f"loss {loss_val:.3f}")
+    step = start
+    try:
+        with progress_bar(console) as bar:
+            task_id = bar.add_task("pretrain", total=steps, completed=start, info="")
+            while step < steps:
+                batch = blocks[torch.randint(0, len(blocks), (cfg.batch_size,), generator=gen)]
+                logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+                )
+                accelerator.backward(loss)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_val = loss.item()
+                bar.update(task_id, advance=1, info=f"loss {loss_val:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                    save_progress(step)
+    except KeyboardInterrupt:
+        save_progress(step)
+        raise
+
     model = accelerator.unwrap_model(model)
-    tmp = out.with_name(out.name + ".tmp")
     save_model(model, tokenizer, tmp)
     meta = {
         "task": cfg.task,
@@ -209,11 +254,13 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
         "train_tokens": steps * cfg.batch_size * cfg.block,
         "final_loss": loss_val,
         "wall_s": round(time.time() - t0, 1),
+        "resumed_at_step": start or None,
         "config": asdict(cfg),
         "corpus_version": CORPUS_VERSION,
         **corpus_stats,
     }
     (tmp / "ahamoment_pretrain.json").write_text(json.dumps(meta, indent=1))
+    resume_file.unlink(missing_ok=True)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
