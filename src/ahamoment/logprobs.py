@@ -90,7 +90,6 @@ def completion_logprobs_full(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: one full forward per row, no sharing and no padding. Used by tests."""
     _, mask = right_pad(completions, pad_id)
-    logp = torch.zeros(mask.shape)
     rows = []
     for p, c in zip(prompts, completions):
         if not c:
