@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def sample_excluding(
-    task: Task, rng: random.Random, exclude: set[str], max_tries: int = 10_000
+    task: Task, rng: random.Random, exclude: AbstractSet[str], max_tries: int = 10_000
 ) -> Problem:
     """Draw ``task.sample(rng)`` until its canonical key is not in ``exclude``."""
     for _ in range(max_tries):

@@ -51,6 +51,13 @@ def r1_zero_prompt(question: str) -> str:
     return R1_ZERO_TEMPLATE.format(question=question)
 
 
+def set_threads(n: int) -> int:
+    """Set torch's CPU threads: ``n``, or every core this process may use when ``n`` is 0."""
+    n = n if n > 0 else max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(n)
+    return n
+
+
 def cache_dir() -> Path:
     """Where built models live: $AHAMOMENT_CACHE, else $XDG_CACHE_HOME/ahamoment, else ~/.cache."""
     env = os.environ.get("AHAMOMENT_CACHE")

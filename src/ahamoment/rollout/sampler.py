@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
@@ -82,8 +83,6 @@ class _LlamaLike:
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids, pos, valid: (B, S) new tokens; returns last-position logits (B, V)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         B, S = ids.shape
         t0, t1 = self.t, self.t + S
         self.valid[:B, t0:t1] = valid

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -31,6 +32,7 @@ from ahamoment.models import (
     new_model,
     r1_zero_prompt,
     save_model,
+    set_threads,
     tiny_llama_config,
 )
 from ahamoment.progress import progress_bar
@@ -156,7 +158,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     out = cfg.output_dir()
     if (out / "config.json").exists() and not cfg.force:
         return out
-    torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0))))
+    set_threads(cfg.threads)
     t0 = time.time()
     tmp = out.with_name(out.name + ".tmp")
     resume_file = tmp / "resume.pt"
@@ -172,7 +174,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
         tokenizer = build_tokenizer(docs[:20_000] + [r1_zero_prompt("")] * 2000, cfg.vocab_size)
     eos = tokenizer.eos_token
     ids = tokenizer([d + eos for d in docs], add_special_tokens=False, return_attention_mask=False)
-    stream = torch.tensor([t for doc in ids["input_ids"] for t in doc], dtype=torch.long)
+    stream = torch.from_numpy(np.fromiter(chain.from_iterable(ids["input_ids"]), dtype=np.int64))
     n_blocks = (len(stream) - 1) // cfg.block
     # (n_blocks, block + 1): inputs are [:, :-1], targets [:, 1:]; blocks overlap by one token
     blocks = stream[: n_blocks * cfg.block + 1].unfold(0, cfg.block + 1, cfg.block)

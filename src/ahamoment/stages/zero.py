@@ -19,7 +19,6 @@ How this differs from GRPO as published (DeepSeekMath / DeepSeek-R1):
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import time
@@ -46,7 +45,7 @@ from ahamoment.evaluation import (
 )
 from ahamoment.logprobs import completion_logprobs
 from ahamoment.metrics import has_reflection, is_self_correction, length_stats, step_accuracy
-from ahamoment.models import load_model, load_tokenizer, n_params
+from ahamoment.models import load_model, load_tokenizer, n_params, set_threads
 from ahamoment.progress import progress_bar
 from ahamoment.registry import Registry
 from ahamoment.rewards import REWARDS, RewardBatch, format_reward, score
@@ -189,10 +188,6 @@ def _sgd(params, cfg: ZeroConfig) -> torch.optim.Optimizer:
 
 
 # --- helpers used by the loop ------------------------------------------------------------
-def _threads(n: int) -> int:
-    return n if n > 0 else max(1, len(os.sched_getaffinity(0)))
-
-
 def _step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
     """Per-step RNGs derived from (seed, step): a resumed run draws exactly what it would have."""
     mixed = seed * 1_000_003 + step
@@ -343,7 +338,12 @@ def rollout_metrics(
         **{f"reward/{k}": sum(v) / B for k, v in rb.components.items()},
         "reward_errors": sum(rb.errors.values()),
         "accuracy": sum(rb.correct) / B,
-        "format_rate": sum(format_reward(p, t) for p, t in zip(batch.problems, g.texts)) / B,
+        "format_rate": sum(
+            rb.components["format"]
+            if "format" in rb.components
+            else [format_reward(p, t) for p, t in zip(batch.problems, g.texts)]
+        )
+        / B,
         "parse_fail_rate": sum(rb.parse_fail) / B,
         "constant_groups": count_constant_groups(rewards, group_size),
         "len_mean": lens["mean"],
@@ -358,7 +358,7 @@ def rollout_metrics(
 # --- the stage ----------------------------------------------------------------------------
 def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
-    torch.set_num_threads(_threads(cfg.threads))
+    set_threads(cfg.threads)
     t_start = time.time()
     run = _resolve_run_dir(cfg)
     ckpt_root = run / "checkpoints"
@@ -383,7 +383,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     rollout_params = SamplingParams(
         cfg.temperature, cfg.top_p, 0, cfg.max_new_tokens, stop_ids(tokenizer)
     )
-    exclude = set(excluded(cfg.task))
+    exclude = excluded(cfg.task)
     held = heldout(cfg.task, cfg.heldout_n)
     with_real = cfg.real_eval and cfg.task.startswith("countdown")
 
