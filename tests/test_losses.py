@@ -20,7 +20,8 @@ def _grad(name: str, logp, old_logp, adv, mask, cfg, kl=None):
 
 
 def test_registry_names() -> None:
-    assert POLICY_LOSSES.names() == ["dr_grpo", "grpo"]
+    # a plugin test registers "reinforce" as well, so check the built-ins are all there
+    assert {"dapo", "dr_grpo", "grpo", "gspo"} <= set(POLICY_LOSSES.names())
 
 
 def test_masked_mean() -> None:
@@ -180,6 +181,6 @@ def test_shape_and_config_errors() -> None:
     with pytest.raises(ValueError, match="shape"):
         POLICY_LOSSES.get("grpo")(x, torch.zeros(2, 4), torch.zeros(2), x, LossConfig())
     with pytest.raises(ValueError, match="eps_low"):
-        LossConfig(eps_low=1.0)
+        LossConfig(eps_low=-0.1)
     with pytest.raises(ValueError, match="max_len"):
         LossConfig(max_len=0)

@@ -23,6 +23,15 @@ samples held fixed (what autograd does here): the true gradient is
   first order near pi = pi_ref, which is why GRPO works with it in practice. We keep k3 as the
   GRPO default for fidelity; k2 is the choice when the gradient should be right.
 
+Placement (``KL_PLACEMENTS``) says where the penalty acts, and is explicit in every run:
+
+- ``"loss"``: ``kl_coef * kl_t`` is added to each token's loss and differentiated, as in
+  DeepSeekMath/R1 GRPO and TRL (the gradients above apply).
+- ``"reward"``: ``kl_coef * sum_t kl_t`` is subtracted from each completion's reward before
+  advantages are computed, as in PPO-RLHF (InstructGPT); it is a detached number, so its
+  gradient reaches the policy only through the advantage (a REINFORCE-style estimate). The
+  usual estimator here is k1: ``sum_t k1_t`` is the log-ratio of the whole sequence.
+
 A further deviation shared by all three: GRPO samples from pi_old, not pi, so with several
 optimiser steps per batch the expectation is off-policy; the papers ignore this, and so do we.
 """
@@ -58,3 +67,26 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """``exp(ref_logp - logp) - (ref_logp - logp) - 1``, shape ``(B, T)``."""
     d = ref_logp - logp  # (B, T), log(pi_ref / pi)
     return torch.exp(d) - d - 1  # (B, T)
+
+
+# --- placement -------------------------------------------------------------------------------
+PlacementFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, float]]
+"""``(rewards (B,), kl (B, T), mask (B, T), kl_coef) -> (rewards (B,), loss kl_coef)``."""
+
+KL_PLACEMENTS: Registry[PlacementFn] = Registry("KL placement")
+
+
+@KL_PLACEMENTS.register("loss")
+def kl_in_loss(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, float]:
+    """Rewards unchanged; the loss gets ``kl_coef * kl_t`` per token (R1, TRL)."""
+    return rewards, kl_coef
+
+
+@KL_PLACEMENTS.register("reward")
+def kl_in_reward(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, float]:
+    """``r - kl_coef * sum_t kl_t`` (detached, over unmasked tokens); the loss gets no KL term."""
+    per_seq = kl.detach().masked_fill(~mask.bool(), 0.0).sum(dim=1)  # (B,)
+    return rewards - kl_coef * per_seq.to(rewards.dtype), 0.0
+
+
+kl_in_reward.needs_policy_logp = True  # type: ignore[attr-defined]  # before any update

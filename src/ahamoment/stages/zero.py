@@ -1,9 +1,13 @@
 """`aha zero`: R1-Zero, i.e. GRPO straight on a base model with rule-based rewards only.
 
-Each step: sample G completions for each of P prompts, score them (answer correctness plus
-format), turn rewards into group-relative advantages, then make one AdamW step per
-minibatch for μ epochs on the clipped-ratio policy loss, optionally with a KL penalty to a
-frozen reference. Held-out problems are evaluated before, during and after training.
+Each step: (1) sample G completions for each of P prompts, refilling dropped groups when a
+group filter is set (DAPO dynamic sampling); (2) score them (answer correctness plus format)
+and apply the overlong handler; (3) compute old-policy and reference log-probs where needed,
+and let the KL placement move the penalty into the reward if so chosen; (4) turn rewards into
+group-relative advantages; (5) make one optimizer step per minibatch for μ epochs on the
+chosen policy loss, accumulating micro-batches; (6) log; (7) checkpoint. Held-out problems are
+evaluated before, during and after training. Every variant (advantage, loss, KL estimator and
+placement, group filter, overlong handler) is a registry entry in `rl/`, never a branch here.
 
 How this differs from GRPO as published (DeepSeekMath / DeepSeek-R1):
 - the policy loss, advantage estimator and KL estimator are registry entries (`rl/`); the
@@ -49,8 +53,20 @@ from ahamoment.models import load_model, load_tokenizer, n_params, set_threads
 from ahamoment.progress import progress_bar
 from ahamoment.registry import Registry
 from ahamoment.rewards import REWARDS, RewardBatch, format_reward, score
-from ahamoment.rl import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, LossConfig, count_constant_groups
-from ahamoment.rl.losses import masked_mean
+from ahamoment.rl import (
+    ADVANTAGES,
+    GROUP_FILTERS,
+    KL_ESTIMATORS,
+    KL_PLACEMENTS,
+    OVERLONG,
+    POLICY_LOSSES,
+    LossConfig,
+    Norm,
+    OverlongConfig,
+    count_constant_groups,
+    default_clip,
+    masked_mean,
+)
 from ahamoment.rollout.sampler import SamplingParams
 from ahamoment.splits import excluded, heldout, real_countdown
 from ahamoment.tasks import TASKS, get_task
@@ -97,14 +113,28 @@ class ZeroConfig:
     """M: optimizer steps per rollout batch per epoch (DeepSeek-R1 used 16)."""
     epochs: int = 1
     """μ: passes over each rollout batch."""
-    eps_low: float = 0.2
-    """Ratio clip below 1 (R1's stage-1 used 10)."""
-    eps_high: float = 0.2
-    """Ratio clip above 1."""
+    micro_batch: int = 0
+    """Sequences per forward/backward inside a minibatch (gradient accumulation); 0: the whole minibatch."""
+    eps_low: float | None = None
+    """Ratio clip below 1; empty: the loss's own (0.2; gspo 3e-4). R1's stage-1 used 10 (>= 1: no lower clip)."""
+    eps_high: float | None = None
+    """Ratio clip above 1; empty: the loss's own (0.2; dapo 0.28, gspo 4e-4)."""
     kl_coef: float = 0.5
-    """β for the KL penalty to a frozen reference, placed in the loss as in R1 (0: no reference model)."""
+    """β for the KL penalty to a frozen reference (0: no reference model, no reference forward)."""
     kl_estimator: str = "k2"
     """KL estimator from rl/kl.py: k1, k2, k3. R1 uses k3 (β 0.001); k2's gradient is the true KL gradient."""
+    kl_placement: str = "loss"
+    """Where the KL acts (rl/kl.py): loss (per token, as R1 and TRL) or reward (r - β·Σ_t kl_t, as PPO-RLHF)."""
+    group_filter: str = "all"
+    """Groups kept for training (rl/shaping.py): all, or nonconstant (DAPO dynamic sampling: refill dropped groups)."""
+    max_sampling_rounds: int = 3
+    """With a group filter: at most this many rounds of P prompts per step to refill the batch."""
+    overlong: str = "none"
+    """Truncated completions (rl/shaping.py): none, mask (left out of the loss), soft (DAPO length penalty)."""
+    overlong_buffer: int = 16
+    """soft: the penalty ramps over the last N tokens of max_new_tokens."""
+    overlong_penalty: float = 1.0
+    """soft: the penalty at max_new_tokens (a correct answer earns 1)."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N steps (R1: 400); 0 never refreshes."""
     eval_every: int = 50
@@ -146,10 +176,23 @@ class ZeroConfig:
             )
         if self.heldout_n < 1 or self.eval_n < 1 or self.eval_k < 1:
             raise ValueError("heldout_n, eval_n and eval_k must be positive")
-        for name in (self.advantage,):
-            ADVANTAGES.get(name)
+        if self.micro_batch < 0 or (
+            self.micro_batch and (batch // self.minibatches) % self.micro_batch
+        ):
+            raise ValueError(
+                f"micro_batch ({self.micro_batch}) must divide the minibatch "
+                f"({batch // self.minibatches} sequences), or be 0"
+            )
+        if self.max_sampling_rounds < 1:
+            raise ValueError("max_sampling_rounds must be at least 1")
+        ADVANTAGES.get(self.advantage)
         POLICY_LOSSES.get(self.loss)
         KL_ESTIMATORS.get(self.kl_estimator)
+        KL_PLACEMENTS.get(self.kl_placement)
+        GROUP_FILTERS.get(self.group_filter)
+        OVERLONG.get(self.overlong)
+        self.loss_config()
+        self.overlong_config()
         OPTIMIZERS.get(self.optimizer)
         TASKS.get(self.task)
         self.reward_weights()
@@ -170,8 +213,18 @@ class ZeroConfig:
     def updates_per_batch(self) -> int:
         return self.minibatches * self.epochs
 
-    def loss_config(self) -> LossConfig:
-        return LossConfig(self.eps_low, self.eps_high, self.kl_coef, self.max_new_tokens)
+    def loss_config(self, kl_coef: float | None = None) -> LossConfig:
+        """The loss settings; ``kl_coef`` overrides β (0 when the KL sits in the reward)."""
+        low, high = default_clip(POLICY_LOSSES.get(self.loss))
+        return LossConfig(
+            low if self.eps_low is None else self.eps_low,
+            high if self.eps_high is None else self.eps_high,
+            self.kl_coef if kl_coef is None else kl_coef,
+            self.max_new_tokens,
+        )
+
+    def overlong_config(self) -> OverlongConfig:
+        return OverlongConfig(self.max_new_tokens, self.overlong_buffer, self.overlong_penalty)
 
 
 OPTIMIZERS = Registry("optimizer")
@@ -245,9 +298,47 @@ class Rollout:
     problems: list[Problem]
     prompts: list[list[int]]  # B prompt id lists
     gen: Generated  # completions: ids, texts, lengths, sampler log-probs, finish reasons
+    rb: RewardBatch | None = None  # their rewards, once scored
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, rows: list[int]) -> Rollout:
+        """The given rows, in order (e.g. the groups a filter kept)."""
+        g, rb = self.gen, self.rb
+        return Rollout(
+            [self.problems[r] for r in rows],
+            [self.prompts[r] for r in rows],
+            Generated(*([getattr(g, f)[r] for r in rows] for f in _GEN_FIELDS)),
+            None
+            if rb is None
+            else RewardBatch(
+                [rb.total[r] for r in rows],
+                {k: [v[r] for r in rows] for k, v in rb.components.items()},
+                dict(rb.errors),
+                [rb.parse_fail[r] for r in rows],
+                [rb.correct[r] for r in rows],
+            ),
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollout]) -> Rollout:
+        """Rows of several scored rollouts, one after another (reward errors are summed)."""
+        rbs = [p.rb for p in parts if p.rb is not None]
+        return Rollout(
+            [x for p in parts for x in p.problems],
+            [x for p in parts for x in p.prompts],
+            Generated(*([x for p in parts for x in getattr(p.gen, f)] for f in _GEN_FIELDS)),
+            RewardBatch(
+                [x for rb in rbs for x in rb.total],
+                {k: [x for rb in rbs for x in rb.components[k]] for k in rbs[0].components},
+                {k: sum(rb.errors[k] for rb in rbs) for k in rbs[0].errors},
+                [x for rb in rbs for x in rb.parse_fail],
+                [x for rb in rbs for x in rb.correct],
+            )
+            if rbs
+            else None,
+        )
 
     def logprobs(self, net, rows, temperature: float, pad_id: int, entropy: bool = False):
         """Trainer log-probs (b, Lc) of `rows`, padded to the batch's longest completion."""
@@ -269,69 +360,138 @@ class Rollout:
         return out
 
 
+_GEN_FIELDS = ("texts", "lengths", "ids", "logprobs", "finish")
+
+
 def policy_update(
     model,
-    ref_model,
     optimizer,
     accelerator: Accelerator,
     batch: Rollout,
     adv: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    in_loss: torch.Tensor,
+    loss_cfg: LossConfig,
     cfg: ZeroConfig,
     gen: torch.Generator,
     pad_id: int,
 ) -> dict[str, float]:
-    """Loss and optimizer steps: M minibatches x μ epochs over one rollout batch."""
+    """M minibatches x μ epochs over one rollout batch: one optimizer step per minibatch.
+
+    ``old_logp`` (B, Lc) is the policy before the first update (None: exactly one update, so the
+    current log-probs, detached, are used: ratio 1, identical gradient). ``in_loss`` (B,) bool
+    drops whole completions from the loss (overlong masking). A minibatch is split into
+    micro-batches of ``cfg.micro_batch`` sequences whose gradients accumulate; every call gets
+    the whole minibatch's :class:`Norm`, so the gradient does not depend on the split.
+    """
     loss_fn = POLICY_LOSSES.get(cfg.loss)
     kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
-    loss_cfg = cfg.loss_config()
+    per_seq_clip = getattr(loss_fn, "sequence_level", False)
     B = len(batch)
-    everyone = list(range(B))
-    old_logp = ref_logp = None
-    if cfg.updates_per_batch() > 1:  # the policy before the first update, frozen
-        with torch.no_grad():
-            old_logp = batch.logprobs(model, everyone, cfg.temperature, pad_id)[0]
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logp = batch.logprobs(ref_model, everyone, cfg.temperature, pad_id)[0]
     stats: dict[str, list[float]] = {
         k: [] for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")
     }
     mismatch, n_tokens = None, 0
     mb = B // cfg.minibatches
+    micro = cfg.micro_batch or mb
     for _epoch in range(cfg.epochs):
         order = torch.randperm(B, generator=gen) if cfg.minibatches > 1 else torch.arange(B)
         for m in range(cfg.minibatches):
-            idx = order[m * mb : (m + 1) * mb]
-            rows = idx.tolist()
-            logp, mask, ent = batch.logprobs(model, rows, cfg.temperature, pad_id, entropy=True)
-            # With one update per batch the ratio is exactly 1: old = current, detached.
-            old = old_logp[idx] if old_logp is not None else logp.detach()
-            kl = kl_fn(logp, ref_logp[idx]) if ref_logp is not None else None
-            loss, st = loss_fn(logp, old, adv[idx], mask, loss_cfg, kl)
-            accelerator.backward(loss)
+            rows = order[m * mb : (m + 1) * mb].tolist()
+            norm = Norm(
+                seqs=float(len(rows)),
+                tokens=max(1.0, float(sum(batch.gen.lengths[r] for r in rows if in_loss[r]))),
+            )
+            loss_sum, parts = 0.0, []
+            for c in range(0, len(rows), micro):
+                chunk = rows[c : c + micro]
+                idx = torch.tensor(chunk)
+                logp, mask, ent = batch.logprobs(
+                    model, chunk, cfg.temperature, pad_id, entropy=True
+                )  # (b, Lc) each
+                mask = mask * in_loss[idx].unsqueeze(1).to(mask.dtype)  # (b, Lc)
+                old = old_logp[idx] if old_logp is not None else logp.detach()
+                kl = kl_fn(logp, ref_logp[idx]) if ref_logp is not None else None
+                loss, st = loss_fn(logp, old, adv[idx], mask, loss_cfg, kl, norm)
+                accelerator.backward(loss)
+                loss_sum += loss.item()
+                # clip_frac is over sequences for a sequence-level loss (gspo), else tokens
+                units = mask.any(dim=1).sum() if per_seq_clip else mask.sum()
+                parts.append((st, masked_mean(ent, mask).item(), float(mask.sum()), float(units)))
+                if mismatch is None:  # sampler vs trainer log-probs, on-policy tokens only
+                    samp = batch.sampler_logprobs(chunk, logp)
+                    mismatch = masked_mean((logp.detach() - samp).abs(), mask).item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n_tokens += int(mask.sum())
-            stats["loss"].append(loss.item())
-            stats["clip_frac"].append(st["clip_frac"])
-            stats["kl"].append(st["kl"])
-            stats["entropy"].append(masked_mean(ent, mask).item())
+            tok = sum(w for _, _, w, _ in parts)
+            units = sum(u for *_, u in parts)
+            n_tokens += int(tok)
+            stats["loss"].append(loss_sum)
+            # weighted over the micro-batches by what each mean is over
+            stats["clip_frac"].append(
+                sum(st["clip_frac"] * u for st, _, _, u in parts) / max(units, 1.0)
+            )
+            stats["kl"].append(sum(st["kl"] * w for st, _, w, _ in parts) / max(tok, 1.0))
+            stats["entropy"].append(sum(e * w for _, e, w, _ in parts) / max(tok, 1.0))
             stats["grad_norm"].append(float(grad_norm))
-            if mismatch is None:  # sampler vs trainer log-probs, on-policy tokens only
-                samp = batch.sampler_logprobs(rows, logp)
-                mismatch = masked_mean((logp.detach() - samp).abs(), mask).item()
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["sampler_mismatch"] = mismatch if mismatch is not None else 0.0
     out["train_tokens"] = n_tokens
     return out
 
 
-def rollout_metrics(
-    batch: Rollout, rb: RewardBatch, rewards: torch.Tensor, group_size: int
-) -> dict[str, Any]:
+def sample_groups(
+    model,
+    tokenizer,
+    task,
+    cfg: ZeroConfig,
+    rng: random.Random,
+    gen: torch.Generator,
+    exclude,
+    params: SamplingParams,
+    weights: dict[str, float],
+) -> tuple[Rollout, Rollout, dict[str, int]]:
+    """Rollout and reward for P fresh prompts x G samples, refilled while the group filter
+    drops groups (DAPO dynamic sampling), for at most ``cfg.max_sampling_rounds`` rounds.
+
+    Returns the batch to train on (at most P groups; fewer when the cap is hit), everything
+    sampled this step (for unbiased rollout metrics), and the round and drop counts.
+    """
+    keep_fn = GROUP_FILTERS.get(cfg.group_filter)
+    G = cfg.group_size
+    rounds, dropped, kept, everything = 0, 0, [], []
+    while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+        rounds += 1
+        problems = [sample_excluding(task, rng, exclude) for _ in range(cfg.prompts_per_step)]
+        prompt_ids = encode_prompts(tokenizer, problems)
+        part = Rollout(
+            [p for p in problems for _ in range(G)],
+            [ids for ids in prompt_ids for _ in range(G)],
+            generate(model, tokenizer, [ids for ids in prompt_ids for _ in range(G)], params, gen),
+        )
+        part.rb = score(part.problems, part.gen.texts, weights)
+        everything.append(part)
+        keep = keep_fn(torch.tensor(part.rb.total), G)  # (P,)
+        dropped += int((~keep).sum())
+        kept += [(part, i) for i in range(cfg.prompts_per_step) if keep[i]]
+    kept = kept[: cfg.prompts_per_step]
+    if not kept:  # every group was dropped: train on the last round (zero advantage anyway)
+        kept = [(everything[-1], i) for i in range(cfg.prompts_per_step)]
+    train = Rollout.concat([part.select(list(range(i * G, (i + 1) * G))) for part, i in kept])
+    return (
+        train,
+        Rollout.concat(everything),
+        {"sampling_rounds": rounds, "groups_dropped": dropped, "groups_trained": len(kept)},
+    )
+
+
+def rollout_metrics(batch: Rollout, group_size: int) -> dict[str, Any]:
+    """Rollout figures of a scored batch (rewards before any overlong or KL shaping)."""
     B = len(batch)
-    g = batch.gen
+    g, rb = batch.gen, batch.rb
+    rewards = torch.tensor(rb.total)
     lens = length_stats(g.lengths)
     return {
         "reward": sum(rb.total) / B,
@@ -380,6 +540,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     model = load_model(resume_from or base_path)
     weights = cfg.reward_weights()
     adv_fn = ADVANTAGES.get(cfg.advantage)
+    kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
+    placement = KL_PLACEMENTS.get(cfg.kl_placement)
+    needs_old = getattr(placement, "needs_policy_logp", False)
+    overlong_fn, overlong_cfg = OVERLONG.get(cfg.overlong), cfg.overlong_config()
     rollout_params = SamplingParams(
         cfg.temperature, cfg.top_p, 0, cfg.max_new_tokens, stop_ids(tokenizer)
     )
@@ -477,34 +641,56 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 t0 = time.time()
                 rng, gen = _step_rng(cfg.seed, step)
 
-                # 1. rollout: G completions for each of P fresh training prompts
-                problems = [
-                    sample_excluding(task, rng, exclude) for _ in range(cfg.prompts_per_step)
-                ]
-                prompt_ids = encode_prompts(tokenizer, problems)
-                batch = Rollout(
-                    [p for p in problems for _ in range(cfg.group_size)],
-                    [ids for ids in prompt_ids for _ in range(cfg.group_size)],
-                    Generated([], [], [], [], []),
-                )
+                # 1. rollout: G completions for each of P fresh training prompts (refilled
+                #    while the group filter drops groups); 2. reward: every component kept
                 policy = accelerator.unwrap_model(model)
-                batch.gen = generate(
-                    policy, tokenizer, batch.prompts, rollout_params, gen, len(batch)
+                batch, sampled, sampling = sample_groups(
+                    policy, tokenizer, task, cfg, rng, gen, exclude, rollout_params, weights
                 )
                 t_rollout = time.time() - t0
+                rewards = torch.tensor(batch.rb.total)  # (B,)
+                lengths = torch.tensor(batch.gen.lengths)  # (B,)
+                truncated = torch.tensor([f == "length" for f in batch.gen.finish])  # (B,)
+                rewards, in_loss = overlong_fn(rewards, lengths, truncated, overlong_cfg)
 
-                # 2. reward: every component kept; errors and parse failures counted
-                rb = score(batch.problems, batch.gen.texts, weights)
-                rewards = torch.tensor(rb.total)  # (B,)
+                # 3. reference: old-policy and reference log-probs, only where needed; the KL
+                #    placement may move the penalty into the reward
+                t1 = time.time()
+                everyone = list(range(len(batch)))
+                old_logp = ref_logp = kl_tok = None
+                with torch.no_grad():
+                    if cfg.updates_per_batch() > 1 or (ref_model is not None and needs_old):
+                        old_logp, comp_mask, _ = batch.logprobs(
+                            model, everyone, cfg.temperature, pad_id
+                        )  # (B, Lc)
+                    if ref_model is not None:
+                        ref_logp, comp_mask, _ = batch.logprobs(
+                            ref_model, everyone, cfg.temperature, pad_id
+                        )  # (B, Lc)
+                        if needs_old:
+                            kl_tok = kl_fn(old_logp, ref_logp)  # (B, Lc)
+                        rewards, loss_kl = placement(rewards, kl_tok, comp_mask, cfg.kl_coef)
+                    else:
+                        loss_kl = 0.0
 
-                # 3. advantage: group-relative; a constant group gets exactly 0
+                # 4. advantage: group-relative; a constant group gets exactly 0
                 adv = adv_fn(rewards, cfg.group_size)  # (B,)
 
-                # 4-5. loss and optimizer steps
-                t1 = time.time()
+                # 5. loss and optimizer steps
                 model.train()
                 upd = policy_update(
-                    model, ref_model, optimizer, accelerator, batch, adv, cfg, gen, pad_id
+                    model,
+                    optimizer,
+                    accelerator,
+                    batch,
+                    adv,
+                    old_logp,
+                    ref_logp,
+                    in_loss,
+                    cfg.loss_config(kl_coef=loss_kl),
+                    cfg,
+                    gen,
+                    pad_id,
                 )
                 scheduler.step()
                 if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
@@ -512,12 +698,13 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 t_train = time.time() - t1
                 step += 1
 
-                # 6. log
-                row = {"step": step, **rollout_metrics(batch, rb, rewards, cfg.group_size)}
+                # 6. log (rollout figures over everything sampled this step)
+                row = {"step": step, **rollout_metrics(sampled, cfg.group_size)}
+                row.update(sampling, overlong_masked=int((~in_loss).sum()))
                 row.update({k: v for k, v in upd.items() if k != "train_tokens"})
                 row.update(
                     lr=scheduler.get_last_lr()[0],
-                    rollout_tok_s=sum(batch.gen.lengths) / max(t_rollout, 1e-9),
+                    rollout_tok_s=sum(sampled.gen.lengths) / max(t_rollout, 1e-9),
                     train_tok_s=upd["train_tokens"] * 1.0 / max(t_train, 1e-9),
                     step_s=time.time() - t0,
                 )
@@ -525,7 +712,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                     ev = run_eval(held[: cfg.eval_n], 1000 + step)
                     row.update({f"eval/{k}": v for k, v in ev.items()})
                 _write_jsonl(metrics_path, row)
-                for i in range(min(cfg.samples_per_step, cfg.prompts_per_step)):
+                for i in range(min(cfg.samples_per_step, len(batch) // cfg.group_size)):
                     j = i * cfg.group_size
                     _write_jsonl(
                         samples_path,
@@ -533,7 +720,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                             "step": step,
                             "problem": batch.problems[j].question,
                             "completion": batch.gen.texts[j],
-                            "reward": rb.total[j],
+                            "reward": batch.rb.total[j],
                         },
                     )
                 bar.update(
