@@ -23,7 +23,7 @@ from ahamoment.metrics import (
 )
 from ahamoment.models import r1_zero_prompt
 from ahamoment.rewards import format_reward, judge
-from ahamoment.rollout.sampler import SamplingParams, sample
+from ahamoment.rollout import Engine, Request, SamplingParams, TorchEngine
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import Problem
 
@@ -56,25 +56,28 @@ def encode_prompts(
 
 
 def generate(
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     generator: torch.Generator | None,
     batch_size: int = 256,
+    engine: Engine | None = None,
 ) -> Generated:
+    """One completion per prompt (repeat a prompt for a group), decoded.
+
+    ``engine`` is any rollout engine (``ahamoment.rollout.ENGINES``); without one, our torch
+    sampler runs on ``model`` in chunks of ``batch_size`` rows.
+    """
+    engine = engine or TorchEngine(model, tokenizer, max_batch_rows=batch_size)
     out = Generated([], [], [], [], [])
-    for i in range(0, len(prompts), batch_size):
-        chunk = sample(
-            model, prompts[i : i + batch_size], params, generator, tokenizer.pad_token_id
-        )
-        for c in chunk:
-            body = [t for t in c.ids if t != tokenizer.eos_token_id]
-            out.texts.append(tokenizer.decode(body, skip_special_tokens=False))
-            out.lengths.append(len(c.ids))
-            out.ids.append(c.ids)
-            out.logprobs.append(c.logprobs)
-            out.finish.append(c.finish_reason)
+    for [c] in engine.generate([Request(list(p), params) for p in prompts], generator):
+        body = [t for t in c.ids if t != tokenizer.eos_token_id]
+        out.texts.append(tokenizer.decode(body, skip_special_tokens=False))
+        out.lengths.append(len(c.ids))
+        out.ids.append(c.ids)
+        out.logprobs.append(c.logprobs)
+        out.finish.append(c.finish_reason)
     return out
 
 
@@ -96,6 +99,7 @@ def evaluate(
     seed: int,
     greedy: bool = True,
     batch_size: int = 256,
+    engine: Engine | None = None,
 ) -> EvalResult:
     """Greedy accuracy plus pass@1 (mean over k samples), pass@k and cons@k on ``problems``."""
     prompts = encode_prompts(tokenizer, problems)
@@ -108,6 +112,7 @@ def evaluate(
         SamplingParams(temperature, top_p, 0, max_new_tokens, stops),
         gen,
         batch_size,
+        engine,
     )
     greedy_out = (
         generate(
@@ -117,6 +122,7 @@ def evaluate(
             SamplingParams(0.0, 1.0, 0, max_new_tokens, stops),
             None,
             batch_size,
+            engine,
         )
         if greedy
         else None

@@ -1,49 +1,68 @@
-"""Batched KV-cache sampling over any transformers decoder.
+"""Batched KV-cache sampling over any transformers decoder (the "torch" engine).
 
-One prefill over the left-padded prompts, then one token per step for every live row.
-Rows that finish (stop id or length) are retired from the batch and its cache, so the long
-tail of a batch costs only the rows still running. Per-token log-probs are those of the
-distribution the token was drawn from after temperature (before top-p/top-k truncation);
-they serve as a sampler/trainer mismatch diagnostic, never as old-policy log-probs.
+One prefill over the left-padded distinct prompts, then one token per step for every live row.
+Rows that finish (stop id, stop string or length) are retired from the batch and its cache, so
+the long tail of a batch costs only the rows still running. Llama/Qwen2/Mistral-style models
+run on a preallocated cache (``_LlamaLike``); other decoders use transformers' DynamicCache.
+
+Every row carries its own sampling settings (temperature, top-p, top-k, max new tokens, stop
+ids and strings) as per-row tensors, so greedy and sampled requests share one batch.
+``sample_stream`` yields each step's tokens as they are drawn; ``sample`` collects them.
+
+Per-token log-probs are those of ``log_softmax(logits / temperature)`` (before top-p/top-k
+truncation; raw logits for greedy rows). They serve as a sampler/trainer mismatch
+diagnostic, never as old-policy log-probs.
+
+Randomness: one ``torch.multinomial`` call per step over all live rows, so a sampled row's
+draws depend on which other rows share its batch. Each row is still an exact draw from its own
+distribution; a fixed seed reproduces a fixed batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ahamoment.rollout.base import (
+    ENGINES,
+    Completion,
+    Request,
+    SamplingParams,
+    StopStrings,
+    TokenEvent,
+)
 
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    stop_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class Completion:
-    ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (a stop id was emitted, and is kept) or "length"
+__all__ = ["Completion", "SamplingParams", "StepToken", "TorchEngine", "sample", "sample_stream"]
 
 
-def _filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    # logits: (B, V), already temperature-scaled
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+def _filter_logits(
+    logits: torch.Tensor, top_p: float | torch.Tensor, top_k: int | torch.Tensor
+) -> torch.Tensor:
+    """Mask tokens outside top-k, then outside the top-p nucleus; per row when given (B,) tensors.
+
+    logits: (B, V), already temperature-scaled. ``top_k <= 0`` and ``top_p >= 1`` disable a filter.
+    """
+    B, V = logits.shape
+    k = torch.as_tensor(top_k, dtype=torch.long).expand(B)
+    p = torch.as_tensor(top_p, dtype=logits.dtype).expand(B)
+    use_k = (k > 0) & (k < V)
+    if bool(use_k.any()):
+        k_eff = torch.where(use_k, k, 1)
+        vals = torch.topk(logits, int(k_eff.max()), dim=-1).values  # (B, kmax), descending
+        kth = vals.gather(-1, (k_eff - 1)[:, None])
+        kth = kth.masked_fill(~use_k[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    use_p = p < 1.0
+    if bool(use_p.any()):
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop = ((probs.cumsum(-1) - probs) >= p[:, None]) & use_p[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits
@@ -54,6 +73,8 @@ class _LlamaLike:
 
     Reuses the model's own modules (norms, projections, rotary embedding, MLP), so weights
     and RoPE variants stay exactly those of transformers; only the cache and the loop are ours.
+    Sliding-window attention is not implemented: such models run on ``_HFCache`` once a
+    sequence could exceed the window (see ``_fits_window``).
     """
 
     SUPPORTED = ("llama", "qwen2", "mistral")
@@ -67,11 +88,11 @@ class _LlamaLike:
         self.head_dim = attn.head_dim
         self.n_heads = self.cfg.num_attention_heads
         self.n_kv = self.cfg.num_key_value_heads
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
         shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # (L, B, Hkv, Tmax, D)
-        self.v = torch.zeros(shape, dtype=dtype)
-        self.valid = torch.zeros((batch, max_len), dtype=torch.bool)  # (B, Tmax) key is real
+        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, B, Hkv, Tmax, D)
+        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=param.device)
         self.t = 0  # columns filled
 
     @classmethod
@@ -81,8 +102,10 @@ class _LlamaLike:
     def select(self, idx: torch.Tensor) -> None:
         self.k, self.v, self.valid = self.k[:, idx], self.v[:, idx], self.valid[idx]
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """ids, pos, valid: (B, S) new tokens; returns last-position logits (B, V)."""
+    def forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, last_only: bool = True
+    ) -> torch.Tensor:
+        """ids, pos, valid: (B, S) new tokens; returns last-position logits (B, V), or (B, S, V)."""
         B, S = ids.shape
         t0, t1 = self.t, self.t + S
         self.valid[:B, t0:t1] = valid
@@ -92,7 +115,7 @@ class _LlamaLike:
         if S == 1:
             mask = keys_ok[:, None, None, :]  # (B, 1, 1, t1)
         else:  # prefill: causal within the new block, plus padding
-            causal = torch.ones((S, t1), dtype=torch.bool).tril(diagonal=t0)
+            causal = torch.ones((S, t1), dtype=torch.bool, device=ids.device).tril(diagonal=t0)
             mask = causal[None, None] & keys_ok[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
         rep = self.n_heads // self.n_kv
@@ -112,8 +135,18 @@ class _LlamaLike:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.t = t1
-        h = self.model.model.norm(h[:, -1])
-        return self.model.lm_head(h)  # (B, V)
+        if last_only:
+            h = h[:, -1]
+        return self.model.lm_head(self.model.model.norm(h))
+
+
+def _fits_window(model: PreTrainedModel, max_len: int) -> bool:
+    """True unless some layer uses sliding-window attention shorter than ``max_len``."""
+    for layer in model.model.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window and max_len > window:
+            return False
+    return True
 
 
 class _HFCache:
@@ -142,31 +175,93 @@ class _HFCache:
         return out.logits[:, -1, :]
 
 
+class StepToken(NamedTuple):
+    """One row's token at one decoding step; ``finish_reason`` is set when the row ends."""
+
+    row: int
+    token_id: int
+    logprob: float
+    finish_reason: str | None
+
+
+def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params
+
+
 @torch.no_grad()
-def sample(
+def sample_stream(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     generator: torch.Generator | None = None,
     pad_id: int = 0,
-) -> list[Completion]:
-    """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group)."""
+    tokenizer: Any = None,
+) -> Iterator[list[StepToken]]:
+    """Decode all prompts together, yielding each step's tokens (one list per step).
+
+    ``params`` is one ``SamplingParams`` for every row or one per prompt. Rows are prompt
+    indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
+    for stop strings.
+    """
+    row_params = _per_row(params, len(prompts))
+    stops = [StopStrings(tokenizer, p.stop) for p in row_params]
+    rows = [i for i, p in enumerate(row_params) if p.max_new_tokens > 0]
+    if not rows:
+        return
     was_training = model.training
     model.eval()
-    B = len(prompts)
+    try:
+        yield from _decode(model, prompts, row_params, stops, rows, generator, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def _decode(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    row_params: list[SamplingParams],
+    stops: list[StopStrings],
+    rows: list[int],
+    generator: torch.Generator | None,
+    pad_id: int,
+) -> Iterator[list[StepToken]]:
+    device = next(model.parameters()).device
+    B = len(rows)
+    ps = [row_params[r] for r in rows]
+    # per-row settings, (B,) each; greedy rows divide by 1 and take the argmax
+    greedy = torch.tensor([p.greedy for p in ps], device=device)
+    scale = torch.tensor([1.0 if p.greedy else p.temperature for p in ps], device=device)
+    top_p = torch.tensor([p.top_p for p in ps], device=device)
+    top_k = torch.tensor([p.top_k for p in ps], dtype=torch.long, device=device)
+    max_new = torch.tensor([p.max_new_tokens for p in ps], dtype=torch.long, device=device)
+    n_stop = max(1, max(len(p.stop_ids) for p in ps))
+    stop_mat = torch.full((B, n_stop), -1, dtype=torch.long, device=device)  # (B, S), -1 = none
+    for i, p in enumerate(ps):
+        stop_mat[i, : len(p.stop_ids)] = torch.tensor(p.stop_ids, dtype=torch.long)
+    row_stops = [stops[r] for r in rows]
+    any_stop_str = any(row_stops)
+
     # Identical prompts (a GRPO group) are prefilled once; their cache rows are then copied.
     uniq: dict[tuple[int, ...], int] = {}
-    row_prompt = torch.tensor([uniq.setdefault(tuple(p), len(uniq)) for p in prompts])
+    row_prompt = torch.tensor(
+        [uniq.setdefault(tuple(prompts[r]), len(uniq)) for r in rows], device=device
+    )
     U = len(uniq)
     max_prompt = max(len(p) for p in uniq)
-    input_ids = torch.full((U, max_prompt), pad_id, dtype=torch.long)
-    valid = torch.zeros((U, max_prompt), dtype=torch.bool)
+    input_ids = torch.full((U, max_prompt), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((U, max_prompt), dtype=torch.bool, device=device)
     for i, p in enumerate(uniq):  # left padding: every prompt ends at the same column
         input_ids[i, max_prompt - len(p) :] = torch.tensor(p, dtype=torch.long)
         valid[i, max_prompt - len(p) :] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    if _LlamaLike.supports(model):
-        runner: _LlamaLike | _HFCache = _LlamaLike(model, U, max_prompt + params.max_new_tokens)
+    max_len = max_prompt + int(max_new.max())
+    if _LlamaLike.supports(model) and _fits_window(model, max_len):
+        runner: _LlamaLike | _HFCache = _LlamaLike(model, U, max_len)
     else:
         runner = _HFCache(model)
     logits = runner.forward(input_ids, positions, valid)[row_prompt]  # (B, V)
@@ -174,44 +269,136 @@ def sample(
         runner.select(row_prompt)
     next_pos = positions[row_prompt, -1] + 1  # (B,)
 
-    stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long)
-    live = torch.arange(B)  # original prompt index of each live row
-    slot = torch.arange(B)  # cache row of each live row
+    live = torch.arange(B, device=device)  # batch index of each live row
+    slot = torch.arange(B, device=device)  # cache row of each live row
     n_cache = B
-    result_ids: list[list[int]] = [[] for _ in range(B)]
-    result_lp: list[list[float]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    greedy = params.temperature <= 0.0
-    for step in range(params.max_new_tokens):
-        if greedy:
-            logp = torch.log_softmax(logits.float(), dim=-1)
+    count = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
+    emitted: list[list[int]] = [[] for _ in range(B)]  # kept only for stop strings
+    while True:
+        g = greedy[live]
+        scaled = logits.float() / scale[live, None]
+        logp = torch.log_softmax(scaled, dim=-1)
+        if bool(g.all()):
             tok = logp.argmax(-1)
         else:
-            scaled = logits.float() / params.temperature
-            logp = torch.log_softmax(scaled, dim=-1)
-            probs = torch.softmax(_filter_logits(scaled, params.top_p, params.top_k), dim=-1)
+            probs = torch.softmax(_filter_logits(scaled, top_p[live], top_k[live]), dim=-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if bool(g.any()):
+                tok = torch.where(g, logp.argmax(-1), tok)
         tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        for t, lp, r in zip(tok.tolist(), tok_lp.tolist(), live.tolist()):
-            result_ids[r].append(t)
-            result_lp[r].append(lp)
-        done = torch.isin(tok, stop) if len(stop) else torch.zeros_like(tok, dtype=torch.bool)
-        for r in live[done].tolist():
-            reasons[r] = "stop"
+        count[live] += 1
+        hit_stop = (tok[:, None] == stop_mat[live]).any(-1)
+        if any_stop_str:
+            for j, (b, t) in enumerate(zip(live.tolist(), tok.tolist())):
+                if row_stops[b]:
+                    emitted[b].append(t)
+                    if row_stops[b].hit(emitted[b]):
+                        hit_stop[j] = True
+        at_len = count[live] >= max_new[live]
+        done = hit_stop | at_len
+        step = []
+        for b, t, lp, s, d in zip(
+            live.tolist(), tok.tolist(), tok_lp.tolist(), hit_stop.tolist(), done.tolist()
+        ):
+            step.append(StepToken(rows[b], t, lp, ("stop" if s else "length") if d else None))
+        yield step
         keep = ~done
-        if step == params.max_new_tokens - 1 or not bool(keep.any()):
+        if not bool(keep.any()):
             break
         live, tok, next_pos, slot = live[keep], tok[keep], next_pos[keep], slot[keep]
         # Compact the cache once a quarter of its rows are finished, so copies stay O(cache);
         # until then finished rows ride along as padding and their outputs are dropped.
         if len(live) <= 0.75 * n_cache or (isinstance(runner, _HFCache) and len(live) < n_cache):
             runner.select(slot)
-            slot, n_cache = torch.arange(len(live)), len(live)
-        ids = torch.full((n_cache, 1), pad_id, dtype=torch.long)
-        pos = torch.zeros((n_cache, 1), dtype=torch.long)
-        new_valid = torch.zeros((n_cache, 1), dtype=torch.bool)
+            slot, n_cache = torch.arange(len(live), device=device), len(live)
+        ids = torch.full((n_cache, 1), pad_id, dtype=torch.long, device=device)
+        pos = torch.zeros((n_cache, 1), dtype=torch.long, device=device)
+        new_valid = torch.zeros((n_cache, 1), dtype=torch.bool, device=device)
         ids[slot, 0], pos[slot, 0], new_valid[slot, 0] = tok, next_pos, True
         logits = runner.forward(ids, pos, new_valid)[slot]
         next_pos = next_pos + 1
-    model.train(was_training)
-    return [Completion(result_ids[i], result_lp[i], reasons[i]) for i in range(B)]
+
+
+def sample(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    *,
+    tokenizer: Any = None,
+) -> list[Completion]:
+    """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
+
+    ``params``: one ``SamplingParams`` for all prompts, or one per prompt.
+    """
+    ids: list[list[int]] = [[] for _ in prompts]
+    lps: list[list[float]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    for step in sample_stream(model, prompts, params, generator, pad_id, tokenizer):
+        for t in step:
+            ids[t.row].append(t.token_id)
+            lps[t.row].append(t.logprob)
+            if t.finish_reason is not None:
+                reasons[t.row] = t.finish_reason
+    return [Completion(i, lp, r) for i, lp, r in zip(ids, lps, reasons)]
+
+
+@ENGINES.register("torch")
+class TorchEngine:
+    """Our batched KV-cache sampler behind the ``Engine`` interface.
+
+    In-process: it samples from the very module it was given, so ``sync_weights`` with that
+    module is a no-op; another module's weights are copied in.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any = None,
+        *,
+        pad_id: int | None = None,
+        max_batch_rows: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        if pad_id is None:
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = 0 if pad_id is None else int(pad_id)
+        self.max_batch_rows = max_batch_rows  # rows decoded together; None: one batch
+
+    def generate(
+        self, requests: Sequence[Request], generator: torch.Generator | None = None
+    ) -> list[list[Completion]]:
+        prompts = [r.prompt for r in requests for _ in range(r.n)]
+        params = [r.params for r in requests for _ in range(r.n)]
+        chunk = self.max_batch_rows or max(1, len(prompts))
+        flat: list[Completion] = []
+        for i in range(0, len(prompts), chunk):
+            flat += sample(
+                self.model,
+                prompts[i : i + chunk],
+                params[i : i + chunk],
+                generator,
+                self.pad_id,
+                tokenizer=self.tokenizer,
+            )
+        out, i = [], 0
+        for r in requests:
+            out.append(flat[i : i + r.n])
+            i += r.n
+        return out
+
+    def stream(
+        self, request: Request, generator: torch.Generator | None = None
+    ) -> Iterator[TokenEvent]:
+        prompts = [request.prompt] * request.n
+        for step in sample_stream(
+            self.model, prompts, request.params, generator, self.pad_id, self.tokenizer
+        ):
+            for t in step:
+                yield TokenEvent(t.row, t.token_id, t.logprob, t.finish_reason)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())

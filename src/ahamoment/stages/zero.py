@@ -67,7 +67,7 @@ from ahamoment.rl import (
     default_clip,
     masked_mean,
 )
-from ahamoment.rollout.sampler import SamplingParams
+from ahamoment.rollout import ENGINES, Engine, SamplingParams, make_engine
 from ahamoment.splits import excluded, heldout, real_countdown
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import Problem
@@ -93,6 +93,8 @@ class ZeroConfig:
     """Rollout nucleus sampling."""
     max_new_tokens: int = 128
     """Longest completion; longer ones are truncated (finish reason 'length')."""
+    engine: str = "torch"
+    """Rollout engine (rollout/): torch (our KV-cache sampler), hf (transformers generate), vllm (GPU extra)."""
     reward: str = "accuracy=1.0,format=0.1"
     """Weighted rewards as name=weight pairs; a name may be an import path pkg.mod:fn (weight 1 if omitted)."""
     advantage: str = "grpo"
@@ -195,6 +197,7 @@ class ZeroConfig:
         self.overlong_config()
         OPTIMIZERS.get(self.optimizer)
         TASKS.get(self.task)
+        ENGINES.get(self.engine)
         self.reward_weights()
 
     def reward_weights(self) -> dict[str, float]:
@@ -443,7 +446,7 @@ def policy_update(
 
 
 def sample_groups(
-    model,
+    engine: Engine,
     tokenizer,
     task,
     cfg: ZeroConfig,
@@ -469,7 +472,14 @@ def sample_groups(
         part = Rollout(
             [p for p in problems for _ in range(G)],
             [ids for ids in prompt_ids for _ in range(G)],
-            generate(model, tokenizer, [ids for ids in prompt_ids for _ in range(G)], params, gen),
+            generate(
+                None,
+                tokenizer,
+                [ids for ids in prompt_ids for _ in range(G)],
+                params,
+                gen,
+                engine=engine,
+            ),
         )
         part.rb = score(part.problems, part.gen.texts, weights)
         everything.append(part)
@@ -538,6 +548,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_path)
     pad_id = tokenizer.pad_token_id
     model = load_model(resume_from or base_path)
+    engine = make_engine(cfg.engine, model, tokenizer)  # rollouts and evaluations
     weights = cfg.reward_weights()
     adv_fn = ADVANTAGES.get(cfg.advantage)
     kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
@@ -561,6 +572,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             top_p=cfg.eval_top_p,
             max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed + seed_offset,
+            engine=engine,
         ).summary
 
     def real_eval() -> dict[str, Any]:
@@ -643,9 +655,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
 
                 # 1. rollout: G completions for each of P fresh training prompts (refilled
                 #    while the group filter drops groups); 2. reward: every component kept
-                policy = accelerator.unwrap_model(model)
                 batch, sampled, sampling = sample_groups(
-                    policy, tokenizer, task, cfg, rng, gen, exclude, rollout_params, weights
+                    engine, tokenizer, task, cfg, rng, gen, exclude, rollout_params, weights
                 )
                 t_rollout = time.time() - t0
                 rewards = torch.tensor(batch.rb.total)  # (B,)
@@ -693,6 +704,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                     pad_id,
                 )
                 scheduler.step()
+                engine.sync_weights(accelerator.unwrap_model(model))  # no-op in-process
                 if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
                     ref_model.load_state_dict(accelerator.unwrap_model(model).state_dict())
                 t_train = time.time() - t1

@@ -1,0 +1,178 @@
+"""One rollout interface: requests in, completions (ids, log-probs, finish reason) out.
+
+Every engine takes token-id prompts, each with its own sampling settings and a sample count
+``n``, and returns ``n`` completions per request, in order. An engine also streams a single
+request token by token, and takes the trainer's weights after an optimizer step.
+
+Conventions shared by all engines (the tests hold each engine to them):
+
+- **log-probs** are those of the chosen token under ``log_softmax(logits / temperature)``,
+  i.e. after temperature and *before* top-p/top-k truncation (``temperature == 0``: the raw
+  logits). They are a sampler/trainer mismatch diagnostic, never old-policy log-probs.
+- **stop ids** are kept at the end of the completion, with finish reason ``"stop"``. Only the
+  ids in ``SamplingParams.stop_ids`` stop a row; the model's own EOS is not implied.
+- **stop strings** are matched against the decoded completion (the engine's tokenizer, special
+  tokens kept). Generation ends with reason ``"stop"`` at the first token whose text completes
+  a stop string, and that token is kept: the stop string stays in the output, together with
+  whatever else the completing token spells after it.
+- otherwise a completion ends after ``max_new_tokens`` tokens with reason ``"length"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ahamoment.registry import Registry
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings of one request. Positional order is part of the API (callers use it)."""
+
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 keeps every token."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps every token."""
+    max_new_tokens: int = 128
+    """Completion length cap (reason ``"length"``)."""
+    stop_ids: tuple[int, ...] = ()
+    """Token ids that end a completion; the stop id is kept."""
+    stop: tuple[str, ...] = ()
+    """Stop strings, matched on decoded text; needs an engine that holds a tokenizer."""
+
+    def __post_init__(self) -> None:
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop id or stop string ended it; kept) or "length"
+
+
+@dataclass(frozen=True)
+class Request:
+    """``n`` completions of one token-id prompt under one set of sampling settings."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
+        if not self.prompt:
+            raise ValueError("a request needs a non-empty prompt")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed token: ``finish_reason`` is set on the last token of a completion."""
+
+    index: int  # which of the request's n completions
+    token_id: int
+    logprob: float
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def generate(
+        self, requests: Sequence[Request], generator: torch.Generator | None = None
+    ) -> list[list[Completion]]:
+        """``n`` completions for each request, in request order."""
+        ...
+
+    def stream(
+        self, request: Request, generator: torch.Generator | None = None
+    ) -> Iterator[TokenEvent]:
+        """The tokens of one request as they are produced."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Take the trainer's current weights (call after every optimizer step)."""
+        ...
+
+
+ENGINES: Registry[Any] = Registry("rollout engine")
+"""Engine factories: ``ENGINES.get(name)(model, tokenizer, **options) -> Engine``."""
+
+
+def make_engine(name: str, model: Any, tokenizer: Any = None, **options: Any) -> Engine:
+    """Build a registered engine ("torch", "hf", "vllm") or one named by import path."""
+    return ENGINES.get(name)(model, tokenizer, **options)
+
+
+class StopStrings:
+    """Decode-and-check stop strings for one completion, looking only at a recent window.
+
+    A token spells at least one byte, and a character takes at most 4 bytes, so a stop string
+    of c characters that ends in the newest token lies within its last ``4 * c`` tokens; the
+    margin keeps the window's first, possibly cut, character away from the match.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        if stops and tokenizer is None:
+            raise ValueError(f"stop strings {list(stops)} need a tokenizer: pass one to the engine")
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
+        self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def hit(self, ids: Sequence[int]) -> bool:
+        if not self.stops:
+            return False
+        text = self.tokenizer.decode(list(ids[-self.window :]), skip_special_tokens=False)
+        return any(s in text for s in self.stops)
+
+    def first_hit(self, ids: Sequence[int]) -> int | None:
+        """Length of the shortest prefix of ``ids`` that contains a stop string, if any."""
+        for k in range(1, len(ids) + 1):
+            if self.hit(ids[:k]):
+                return k
+        return None
+
+
+def truncate(
+    ids: Sequence[int],
+    logprobs: Sequence[float],
+    stop_ids: Sequence[int],
+    stops: StopStrings,
+) -> Completion:
+    """Cut a free-running completion at its first stop id or stop string (both kept)."""
+    cut, reason = len(ids), "length"
+    stop_set = set(stop_ids)
+    for i, t in enumerate(ids):
+        if t in stop_set:
+            cut, reason = i + 1, "stop"
+            break
+    if stops:
+        k = stops.first_hit(ids[:cut])
+        if k is not None:
+            cut, reason = k, "stop"
+    return Completion(list(ids[:cut]), list(logprobs[:cut]), reason)
