@@ -113,3 +113,17 @@ def test_unknown_reward_is_a_clear_error():
         score([P], [GOOD], {"nope": 1.0})
     with pytest.raises(ValueError, match="1 problems but 2"):
         score([P], [GOOD, GOOD], {"format": 1.0})
+
+
+def test_judge_uses_the_tasks_own_extractor_for_boxed_math():
+    # A math completion with only \boxed{} and no <answer> tag is still graded (task.extract);
+    # the memo gives the same verdict the second time.
+    from ahamoment.rewards import judge
+    from ahamoment.tasks.base import Problem
+
+    p = Problem(id="m1", task="math", question="What is 1/2 + 1/4?", answer="\\frac{3}{4}")
+    ans, v = judge(p, "<think>add</think> so the answer is \\boxed{0.75}.")
+    assert ans == "0.75" and v.correct
+    assert judge(p, "<think>add</think> so the answer is \\boxed{0.75}.")[1].correct
+    assert not judge(p, "<think>add</think> \\boxed{2/3}")[1].correct
+    assert judge(p, "<think>add</think> no box")[1].reason == "no answer"

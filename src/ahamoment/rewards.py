@@ -32,11 +32,35 @@ def extract_answer(completion: str) -> str | None:
 
 
 def judge(problem: Problem, completion: str) -> tuple[str | None, Verdict]:
-    """The extracted answer and the task verifier's verdict on it."""
-    answer = extract_answer(completion)
+    """The extracted answer and the task verifier's verdict on it.
+
+    A task may say where its answer is (``task.extract``: math also takes the last
+    ``\\boxed{}``); otherwise it is the last ``<answer>…</answer>``. Verdicts are memoised per
+    (problem, completion), since a batch's rewards and its logged figures judge each twice and a
+    LaTeX verdict costs a grader round trip.
+    """
+    return _judge(problem.task, problem.id, problem.question, problem.answer, problem, completion)
+
+
+def _judge(task_name, pid, question, gold, problem, completion):
+    key = (task_name, pid, question, gold, completion)
+    hit = _VERDICTS.get(key)
+    if hit is not None:
+        return hit
+    task = get_task(task_name)
+    extract = getattr(task, "extract", None)
+    answer = extract(completion) if extract else extract_answer(completion)
     if answer is None:
-        return None, Verdict(correct=False, parsed=False, reason="no answer")
-    return answer, get_task(problem.task).verify(problem, answer)
+        out: tuple[str | None, Verdict] = (None, Verdict(False, False, "no answer"))
+    else:
+        out = (answer, task.verify(problem, answer))
+    if len(_VERDICTS) >= 4096:
+        _VERDICTS.pop(next(iter(_VERDICTS)))  # oldest first (dicts keep insertion order)
+    _VERDICTS[key] = out
+    return out
+
+
+_VERDICTS: dict[tuple, tuple[str | None, Verdict]] = {}  # bounded memo of _judge
 
 
 @REWARDS.register("format")
