@@ -209,7 +209,7 @@ def test_chains_by_hand():
     )
 
 
-_LINE = re.compile(r"(?:wait,check:)?\d+[+\-*/]\d+=\d+(?:,\d+[+\-*/]\d+=\d+)*,(?:yes|no)")
+_LINE = re.compile(r"(?:wait,check:)?\d+[+\-*/]\d+=\d+(?:,\d+[+\-*/]\d+=\d+)*\|\d+,(?:yes|no)")
 
 
 def test_trace_exact_example():
@@ -261,10 +261,11 @@ def test_check_lines():
     lines = t.split("\n")[1:-2]
     assert len(lines) >= 4  # this seed tries three misses before the hit
     for claim, check in zip(lines[:-2:2], lines[1:-2:2]):
-        a, op, b, written = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)", claim.split(",")[-2]).groups()
+        last = claim.split(",")[-2]  # "a+b=r|target"
+        a, op, b, written = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)\|15", last).groups()
         true = int(a) + int(b) if op == "+" else int(a) - int(b)
         assert claim.endswith(",yes") and int(written) == true != 15
-        assert check == f"wait,check:{a}{op}{b}={true},no"
+        assert check == f"wait,check:{a}{op}{b}={true}|15,no"
     assert lines[-1].startswith("wait,check:") and lines[-1].endswith(",yes")
     assert accuracy_reward(p, t) == 1.0
 
@@ -278,7 +279,8 @@ def test_false_hit_without_check_answers_the_wrong_chain():
         lines = t.split("\n")
         assert len(lines) == 4 and lines[1].endswith(",yes")
         # arithmetic is right; the claim is what slipped, unless the first try truly hit
-        a, op, b, r = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)", lines[1].split(",")[-2]).groups()
+        last = lines[1].split(",")[-2]  # "a+b=r|target"
+        a, op, b, r = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)\|\d+", last).groups()
         assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         assert CD.verify(p, lines[-1][8:-9]).correct == (int(r) == p.fields["target"])
 

@@ -41,7 +41,7 @@ from ahamoment.splits import excluded
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import TraceNoise
 
-CORPUS_VERSION = 3
+CORPUS_VERSION = 4
 """Bump when the trace grammar or the corpus generator changes: it invalidates cached models."""
 
 

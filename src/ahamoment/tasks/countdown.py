@@ -9,7 +9,9 @@ Two instances are registered:
 Targets are drawn uniformly over the *distinct* reachable values, not over expressions: with
 duplicates, a+b+c dominated and a constant template looked like learning (FINDINGS.md).
 
-The pretraining traces search left-to-right chains such as ``7-5=2,2+13=15,yes``. Chains keep
+The pretraining traces search left-to-right chains such as ``7-5=2,2+13=15|15,yes``: each try
+ends with ``|target`` and the verdict, so the model compares two adjacent numbers instead of
+looking back to the prompt (without it, a 0.9M model's yes/no was close to chance: measured). Chains keep
 every intermediate result a non-negative integer, so a step is always ``a{op}b=r`` over plain
 digits. For + and - every reachable target has such a chain; for * and / some targets are
 reachable only by other bracketings, so a noiseless trace can still miss them.
@@ -209,21 +211,23 @@ class Countdown(Task):
         answer = order[-1].expr  # used if every candidate is tried and missed
         for chain in order:
             steps = [_step(*s) for s in chain.steps]
+            # Each try ends with "|target": the comparison is between two adjacent numbers.
+            tried = ",".join(steps) + f"|{target}"
             if chain.value == target:
-                lines.append(",".join(steps) + ",yes")
+                lines.append(tried + ",yes")
                 if rng.random() < noise.p_check:
-                    lines.append(f"wait,check:{steps[-1]},yes")
+                    lines.append(f"wait,check:{steps[-1]}|{target},yes")
                 answer = chain.expr
                 break
             if rng.random() < noise.p_false_hit:
                 # A comparison slip: the arithmetic stays right but the miss is called a hit.
-                lines.append(",".join(steps) + ",yes")
+                lines.append(tried + ",yes")
                 if rng.random() >= noise.p_check:
                     answer = chain.expr
                     break
-                lines.append(f"wait,check:{steps[-1]},no")
+                lines.append(f"wait,check:{steps[-1]}|{target},no")
             else:
-                lines.append(",".join(steps) + ",no")
+                lines.append(tried + ",no")
             if rng.random() < noise.p_give_up:
                 answer = rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
                 break
