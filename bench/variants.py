@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     ap.add_argument("--steps", type=int, default=100, help="GRPO steps per variant")
     ap.add_argument("--minibatches", type=int, default=4, help="optimizer steps per rollout batch")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="learning rate (0: the recipe's divided by --minibatches, so a rollout batch moves "
+        "the policy about as far as the recipe's single step; at the recipe's 5e-4 with 4 "
+        "minibatches GRPO collapsed within 30 steps)",
+    )
     ap.add_argument("--heldout-n", type=int, default=500, help="held-out problems for the table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings)")
@@ -95,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         run = out / name
         if not (run / "summary.json").exists():
             console.rule(f"variant {name}")
+            if not args.lr:
+                recipe_lr = cfglib.build(ZeroConfig, args.recipe).lr
+                args.lr = recipe_lr / args.minibatches
             cfg = cfglib.build(
                 ZeroConfig,
                 args.recipe,
                 **VARIANTS[name],
                 steps=args.steps,
                 minibatches=args.minibatches,
+                **({"lr": args.lr} if args.lr else {}),
                 heldout_n=args.heldout_n,
                 eval_every=0,
                 real_eval=False,
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     table = Table(
-        title=f"R1-Zero per loss variant: {args.steps} steps, {args.minibatches} minibatches, "
+        title=f"R1-Zero per loss variant: {args.steps} steps, {args.minibatches} minibatches, lr {args.lr:g}, "
         f"seed {args.seed}, held-out {args.heldout_n} (T=1, k=4)"
     )
     cols = [

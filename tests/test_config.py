@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from ahamoment import cli
 from ahamoment import config as cfglib
 from ahamoment.stages.pretrain import PretrainConfig
 from ahamoment.stages.zero import ZeroConfig
@@ -89,6 +90,6 @@ def test_reward_weights_parse():
 def test_every_recipe_loads(recipe):
     assert RECIPES, "no recipes found"
     text = recipe.read_text()
-    cls = PretrainConfig if recipe.name.startswith("pretrain") else ZeroConfig
+    cls = cli._load(cli.COMMANDS[recipe.name.split("-")[0]])[0]  # the stage the name starts with
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text

@@ -40,6 +40,13 @@ COMMANDS: dict[str, Command] = {
         "zero",
         "R1-Zero: GRPO on a base model with rule-based rewards (correctness + format).",
     ),
+    "eval": Command(
+        "eval",
+        "EvalConfig",
+        "evaluate_model",
+        "Evaluate a model or an OpenAI-compatible endpoint: pass@1, cons@k, pass@k, greedy; "
+        "budget forcing.",
+    ),
 }
 
 

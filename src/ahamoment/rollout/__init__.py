@@ -1,5 +1,6 @@
 """Generation engines behind one interface (see ``base``): "torch" (ours, default), "hf"
-(transformers ``generate``, the reference) and "vllm" (GPU, optional extra)."""
+(transformers ``generate``, the reference), "vllm" (GPU, optional extra) and "openai" (any
+OpenAI-compatible endpoint). Budget forcing (s1) lives in ``budget``, torch engine only."""
 
 from ahamoment.rollout.base import (
     ENGINES,
@@ -10,7 +11,9 @@ from ahamoment.rollout.base import (
     TokenEvent,
     make_engine,
 )
+from ahamoment.rollout.budget import ThinkingBudget
 from ahamoment.rollout.hf_engine import HFEngine
+from ahamoment.rollout.openai_engine import OpenAIEngine, TextRequest
 from ahamoment.rollout.sampler import TorchEngine, sample, sample_stream
 from ahamoment.rollout.vllm_engine import VLLMEngine, vllm_sampling_kwargs
 
@@ -19,8 +22,11 @@ __all__ = [
     "Completion",
     "Engine",
     "HFEngine",
+    "OpenAIEngine",
     "Request",
     "SamplingParams",
+    "TextRequest",
+    "ThinkingBudget",
     "TokenEvent",
     "TorchEngine",
     "VLLMEngine",

@@ -16,6 +16,8 @@ Conventions shared by all engines (the tests hold each engine to them):
   a stop string, and that token is kept: the stop string stays in the output, together with
   whatever else the completing token spells after it.
 - otherwise a completion ends after ``max_new_tokens`` tokens with reason ``"length"``.
+- **budget forcing** (``SamplingParams.budget``, see ``budget.py``) is implemented by the torch
+  engine only; the others raise ``NotImplementedError`` on a request that carries one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ahamoment.registry import Registry
+from ahamoment.rollout.budget import ThinkingBudget
 
 
 @dataclass
@@ -45,6 +48,9 @@ class SamplingParams:
     """Token ids that end a completion; the stop id is kept."""
     stop: tuple[str, ...] = ()
     """Stop strings, matched on decoded text; needs an engine that holds a tokenizer."""
+    budget: ThinkingBudget | None = None
+    """Thinking budget forcing (s1): force the end of thinking, or replace an early one by
+    "Wait" (``budget.py``); None: off. Torch engine only."""
 
     def __post_init__(self) -> None:
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
@@ -70,6 +76,7 @@ class Completion:
     ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop id or stop string ended it; kept) or "length"
+    text: str | None = None  # decoded text, set by engines that get text back (openai)
 
 
 @dataclass(frozen=True)

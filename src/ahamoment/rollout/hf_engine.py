@@ -32,6 +32,7 @@ from ahamoment.rollout.base import (
     TokenEvent,
     truncate,
 )
+from ahamoment.rollout.budget import reject_budget
 
 
 class _StopStringCriteria(StoppingCriteria):
@@ -60,6 +61,7 @@ class HFEngine:
     @torch.no_grad()
     def _one(self, request: Request, generator: torch.Generator | None) -> list[Completion]:
         p = request.params
+        reject_budget(p, "hf")
         if p.max_new_tokens == 0:
             return [Completion([], [], "length") for _ in range(request.n)]
         stops = StopStrings(self.tokenizer, p.stop)

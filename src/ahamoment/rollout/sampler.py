@@ -7,6 +7,9 @@ run on a preallocated cache (``_LlamaLike``); other decoders use transformers' D
 
 Every row carries its own sampling settings (temperature, top-p, top-k, max new tokens, stop
 ids and strings) as per-row tensors, so greedy and sampled requests share one batch.
+A row with a thinking budget (``SamplingParams.budget``, ``budget.py``) carries a small state
+machine that may replace the drawn token by a forced one (``</think>`` at the maximum, "Wait"
+before the minimum); the forced token's log-prob is the model's, like any other.
 ``sample_stream`` yields each step's tokens as they are drawn; ``sample`` collects them.
 
 Per-token log-probs are those of ``log_softmax(logits / temperature)`` (before top-p/top-k
@@ -36,6 +39,7 @@ from ahamoment.rollout.base import (
     StopStrings,
     TokenEvent,
 )
+from ahamoment.rollout.budget import BudgetState
 
 __all__ = ["Completion", "SamplingParams", "StepToken", "TorchEngine", "sample", "sample_stream"]
 
@@ -245,6 +249,8 @@ def _decode(
         stop_mat[i, : len(p.stop_ids)] = torch.tensor(p.stop_ids, dtype=torch.long)
     row_stops = [stops[r] for r in rows]
     any_stop_str = any(row_stops)
+    budgets = [BudgetState(p.budget, p.stop_ids) if p.budget is not None else None for p in ps]
+    any_budget = any(b is not None for b in budgets)
 
     # Identical prompts (a GRPO group) are prefilled once; their cache rows are then copied.
     uniq: dict[tuple[int, ...], int] = {}
@@ -285,6 +291,15 @@ def _decode(
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             if bool(g.any()):
                 tok = torch.where(g, logp.argmax(-1), tok)
+        if any_budget:  # budget forcing may replace the drawn token
+            tok = torch.tensor(
+                [
+                    t if budgets[b] is None else budgets[b].next(t)
+                    for b, t in zip(live.tolist(), tok.tolist())
+                ],
+                dtype=tok.dtype,
+                device=tok.device,
+            )
         tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)
         count[live] += 1
         hit_stop = (tok[:, None] == stop_mat[live]).any(-1)

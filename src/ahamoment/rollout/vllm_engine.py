@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ahamoment.rollout.base import ENGINES, Completion, Request, SamplingParams, TokenEvent
+from ahamoment.rollout.budget import reject_budget
 
 INSTALL_HINT = "pip install 'ahamoment[vllm]'"
 
@@ -63,6 +64,7 @@ def vllm_sampling_kwargs(
     params: SamplingParams, n: int = 1, seed: int | None = None
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` equivalent to ``params`` with ``n`` samples."""
+    reject_budget(params, "vllm")
     if params.max_new_tokens < 1:
         raise ValueError("vLLM needs max_new_tokens >= 1")
     greedy = params.greedy

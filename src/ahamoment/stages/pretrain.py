@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
 from ahamoment.models import (
     build_tokenizer,
@@ -278,3 +279,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def ensure_base_model(
+    model: str, task: str, recipe: str = "", threads: int = 0, console=None
+) -> Path:
+    """``model`` if given; else the embedded default for ``task``, built on first use.
+
+    Shared by every stage that takes ``--model`` (zero, eval, ...). ``recipe`` is an optional
+    `aha pretrain` YAML recipe for the default model.
+    """
+    if model:
+        return Path(model)
+    cfg = cfglib.build(PretrainConfig, recipe or None, task=task, threads=threads)
+    if not (cfg.output_dir() / "config.json").exists() and console is not None:
+        console.print(f"[bold]No embedded base model for {task!r} yet: building it (aha pretrain).")
+    return pretrain(cfg, console)

@@ -69,6 +69,7 @@ from ahamoment.rl import (
 )
 from ahamoment.rollout import ENGINES, Engine, SamplingParams, make_engine
 from ahamoment.splits import excluded, heldout, real_countdown
+from ahamoment.stages.pretrain import ensure_base_model
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import Problem
 
@@ -277,21 +278,6 @@ def _resolve_run_dir(cfg: ZeroConfig) -> Path:
             raise FileNotFoundError("--resume: no runs/zero-* directory found; pass --out DIR")
         return runs[-1]
     return Path("runs") / f"zero-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _ensure_model(cfg: ZeroConfig, console: Console) -> Path:
-    if cfg.model:
-        return Path(cfg.model)
-    from ahamoment.stages.pretrain import PretrainConfig, pretrain
-
-    pcfg = cfglib.build(
-        PretrainConfig, cfg.pretrain_recipe or None, task=cfg.task, threads=cfg.threads
-    )
-    if not (pcfg.output_dir() / "config.json").exists():
-        console.print(
-            f"[bold]No embedded base model for {cfg.task!r} yet: building it (aha pretrain)."
-        )
-    return pretrain(pcfg, console)
 
 
 @dataclass
@@ -543,7 +529,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, run / "config.yaml")
 
-    base_path = _ensure_model(cfg, console)
+    base_path = ensure_base_model(cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console)
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(base_path)
     pad_id = tokenizer.pad_token_id
