@@ -448,3 +448,77 @@ def test_completion_from_vllm_reads_the_sampled_tokens_logprob():
     assert (c.ids, c.logprobs, c.finish_reason) == ([5, 9], [-0.1, -2.0], "stop")
     with pytest.raises(RuntimeError, match="abort"):
         completion_from_vllm(SimpleNamespace(**{**vars(out), "finish_reason": "abort"}))
+
+
+# --- shared-prompt cache and inverse-CDF draws ------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_interleaved_groups_with_ragged_retirement_equal_each_row_alone(models, arch):
+    # Rows of three prompts interleaved (A B A C B A ...), each with its own length cap, so
+    # retirement leaves groups of unequal size and the grouped prompt attention takes its
+    # scattered (non-dense) layout; grouped-query attention (4 heads, 2 kv heads) as well.
+    model = models[arch]
+    a, b, c = _prompts(3, seed=11)
+    prompts = [a, b, a, c, b, a, c, a, b, a]
+    caps = [3, 17, 9, 1, 30, 24, 6, 12, 2, 30]
+    params = [SamplingParams(0.0, max_new_tokens=n) for n in caps]
+    outs = sample(model, prompts, params)
+    for p, n, o in zip(prompts, caps, outs):
+        alone = sample(model, [p], SamplingParams(0.0, max_new_tokens=n))[0]
+        assert o.ids == alone.ids == _hf_greedy(model, p, n)
+        torch.testing.assert_close(
+            torch.tensor(o.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0
+        )
+
+
+def test_shared_prompt_cache_is_kept_once_per_prompt(models):
+    model = models["llama"]
+    prompts = _prompts(3, seed=2)
+    runner = S._LlamaLike(model, 3, max(len(p) for p in prompts))
+    ids = torch.zeros((3, runner.kp.shape[3]), dtype=torch.long)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, ids.shape[1] - len(p) :], valid[i, ids.shape[1] - len(p) :] = torch.tensor(p), True
+    with torch.no_grad():
+        runner.prefill(ids, (valid.long().cumsum(-1) - 1).clamp(min=0), valid)
+    slot = runner.start(torch.tensor([2, 0, 0, 1, 2, 1, 1, 0, 2]), 4)  # 3 groups of 3
+    assert runner.kp.shape[1] == 3 and (runner.U, runner.G) == (3, 3)
+    assert sorted(slot.tolist()) == list(range(9)) and (slot // 3).tolist() == [
+        2,
+        0,
+        0,
+        1,
+        2,
+        1,
+        1,
+        0,
+        2,
+    ]
+    assert runner.retire(slot[:8]) is None  # 8 of 9 slots: not worth a compaction
+    # prompt 1 has no rows left and is dropped; groups of 2 and 3 fit a 2 x 3 grid
+    new = runner.retire(slot[[0, 1, 2, 4, 7]])
+    assert runner.kp.shape[1] == 2 and (runner.U, runner.G) == (2, 3)
+    assert (new // 3).tolist() == [1, 0, 0, 1, 0]
+    # too ragged for a grid (3 + 1 rows in 2 x 3 slots): one prompt copy per row
+    new = runner.retire(new[[1, 2, 3]])
+    assert runner.kp.shape[1] == 3 and (runner.U, runner.G) == (3, 1) and new.tolist() == [0, 1, 2]
+
+
+def _uniform_at(u):
+    """A stand-in for ``torch.rand`` that returns ``u`` everywhere."""
+    return lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype"), device=kw.get("device"))
+
+
+def test_inverse_cdf_draw_never_picks_a_masked_token(monkeypatch):
+    # masked tokens first, in the middle and last; uniforms at 0, just below 1 and exactly 1
+    inf = float("-inf")
+    logits = torch.tensor([[inf, 0.3, inf, 1.2, -0.4, inf]])
+    for u, want in ((0.0, 1), (0.5, 3), (1.0 - 2**-24, 4), (1.0, 4)):
+        monkeypatch.setattr(torch, "rand", _uniform_at(u))
+        assert S._draw(logits, None).tolist() == [want], u
+    # round-off: a total a little under 1 still never reaches the masked last bin
+    monkeypatch.setattr(torch, "rand", _uniform_at(1.0 - 2**-24))
+    many = torch.randn(256, 1000) * 10
+    many[:, -3:] = inf
+    assert int(S._draw(many, None).max()) < 997

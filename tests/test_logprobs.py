@@ -43,3 +43,32 @@ def test_gradients_match_unpadded_forward(tiny_model):
     for a, b in zip(g_shared, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     tiny_model.zero_grad()
+
+
+def test_entropy_only_at_real_tokens(tiny_model):
+    p, c = _batch(tiny_model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        logp, mask, ent = completion_logprobs(tiny_model, p, c, temperature=0.9, with_entropy=True)
+        # each row's entropy from an unpadded forward
+        for i, (pi, ci) in enumerate(zip(p, c)):
+            logits = tiny_model(input_ids=torch.tensor([pi + ci])).logits[0, len(pi) - 1 : -1]
+            lp = torch.log_softmax(logits.float() / 0.9, -1)
+            torch.testing.assert_close(
+                ent[i, : len(ci)], -(lp.exp() * lp).sum(-1), atol=1e-5, rtol=1e-5
+            )
+    assert ent.shape == mask.shape and torch.all(ent[mask == 0] == 0)
+    assert not ent.requires_grad
+
+
+def test_width_pads_only_to_the_longest_row_given(tiny_model):
+    p, c = _batch(tiny_model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        full, mask, _ = completion_logprobs(tiny_model, p, c)
+        short = [i for i, ci in enumerate(c) if len(ci) < max(map(len, c))][:3]
+        part, pmask, _ = completion_logprobs(
+            tiny_model, [p[i] for i in short], [c[i] for i in short]
+        )
+    W = max(len(c[i]) for i in short)
+    assert part.shape == (len(short), W)
+    torch.testing.assert_close(part, full[short, :W], atol=1e-5, rtol=1e-5)
+    assert torch.equal(pmask, mask[short, :W])

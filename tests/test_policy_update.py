@@ -202,3 +202,15 @@ def test_left_out_rows_versus_removed_rows(loss: str) -> None:
     torch.testing.assert_close(masked, factor * removed, rtol=0, atol=ATOL)
     if loss != "dapo":  # and the two really differ: the seq count does include left-out rows
         assert (masked - removed).abs().max() > 100 * ATOL
+
+
+def test_default_micro_batch_is_one_group() -> None:
+    # micro_batch 0 splits the minibatch into groups (G = 4 rows sharing a prompt), each padded
+    # to its own longest completion; the update equals one forward over the whole minibatch
+    model0 = _model()
+    whole = _update(model0, "grpo", 1, micro_batch=8)
+    auto = _update(model0, "grpo", 1, micro_batch=0)
+    torch.testing.assert_close(_deltas(auto, model0), _deltas(whole, model0), rtol=0, atol=ATOL)
+    for key in ("clip_frac", "kl", "entropy", "train_tokens", "sampler_mismatch"):
+        a, b = LAST_STATS[("grpo", 1, 0)][key], LAST_STATS[("grpo", 1, 8)][key]
+        assert abs(a - b) < 1e-5, key

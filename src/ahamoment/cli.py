@@ -47,6 +47,36 @@ COMMANDS: dict[str, Command] = {
         "Evaluate a model or an OpenAI-compatible endpoint: pass@1, cons@k, pass@k, greedy; "
         "budget forcing.",
     ),
+    "serve": Command(
+        "serve",
+        "ServeConfig",
+        "serve",
+        "Serve a model on an OpenAI-compatible chat API (reasoning_content; visible or hidden).",
+    ),
+    "sft": Command(
+        "sft",
+        "SFTConfig",
+        "sft",
+        "Supervised fine-tuning on prompt/completion or chat JSONL; loss on completions only.",
+    ),
+    "distill-generate": Command(
+        "distill",
+        "DistillGenerateConfig",
+        "distill_generate",
+        "Verified reasoning traces from a teacher (local model or chat endpoint), resumable.",
+    ),
+    "distill": Command(
+        "distill",
+        "DistillConfig",
+        "distill",
+        "Distillation vs RL on a small student: SFT on teacher traces against GRPO.",
+    ),
+    "report": Command(
+        "report",
+        "ReportConfig",
+        "report",
+        "Curves (overlaid across runs), the aha moment and samples as one self-contained HTML page.",
+    ),
 }
 
 
@@ -68,6 +98,8 @@ def _parser(name: str, cmd: Command, config_cls: type) -> argparse.ArgumentParse
         "--recipe", metavar="FILE", help="YAML recipe; flags given here override it"
     )
     cfglib.add_arguments(parser, config_cls)
+    if positional := getattr(config_cls, "positional", ""):  # e.g. `aha report RUN_DIR...`
+        parser.add_argument(positional, nargs="*", default=argparse.SUPPRESS, metavar="RUN_DIR")
     return parser
 
 

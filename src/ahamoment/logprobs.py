@@ -51,7 +51,7 @@ def completion_logprobs(
     width: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, Lc) of each completion token given its prompt, the (B, Lc) completion
-    mask, and optionally the per-token entropy (B, Lc, no grad). Logits are divided by
+    mask, and optionally the per-token entropy (B, Lc, no grad; 0 at padding). Logits are divided by
     ``temperature`` as in the sampler, so ratios compare like with like. ``width`` pads the
     completion axis to at least that many columns (to line minibatches up with a full batch)."""
     uniq: dict[tuple[int, ...], int] = {}
@@ -75,9 +75,12 @@ def completion_logprobs(
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, ids_c[..., None]).squeeze(-1) * mask  # (B, Lc)
     entropy = None
-    if with_entropy:
+    if with_entropy:  # only at real completion tokens (0 at padding): no (B, Lc, V) temporaries
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            real = mask.bool()
+            lp = logp_all.detach()[real]  # (N, V)
+            entropy = torch.zeros(mask.shape, dtype=logp_all.dtype)
+            entropy[real] = -(lp.exp() * lp).sum(-1)
     return logp, mask, entropy
 
 

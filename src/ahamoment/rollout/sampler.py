@@ -16,9 +16,9 @@ Per-token log-probs are those of ``log_softmax(logits / temperature)`` (before t
 truncation; raw logits for greedy rows). They serve as a sampler/trainer mismatch
 diagnostic, never as old-policy log-probs.
 
-Randomness: one ``torch.multinomial`` call per step over all live rows, so a sampled row's
-draws depend on which other rows share its batch. Each row is still an exact draw from its own
-distribution; a fixed seed reproduces a fixed batch.
+Randomness: one uniform per live row per step, turned into a token by inverse CDF
+(``_draw``), so a sampled row's draws depend on which other rows share its batch. Each row
+is still an exact draw from its own distribution; a fixed seed reproduces a fixed batch.
 """
 
 from __future__ import annotations
@@ -72,6 +72,22 @@ def _filter_logits(
     return logits
 
 
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V) by inverse CDF: one uniform per row, located
+    in the row's cumulative probabilities (cheaper than ``torch.multinomial``).
+
+    Masked tokens (-inf) have probability exactly 0, so their cumulative value equals the
+    previous one and ``searchsorted(..., right=True)`` (first bin whose cumulative value
+    exceeds u) never lands on them. The uniform is scaled by the row's total (round-off
+    leaves it a little off 1) and kept strictly below it, so the last bin is always found.
+    """
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
 class _LlamaLike:
     """A functional forward over a Llama/Qwen2-style HF model with a preallocated KV cache.
 
@@ -79,11 +95,22 @@ class _LlamaLike:
     and RoPE variants stay exactly those of transformers; only the cache and the loop are ours.
     Sliding-window attention is not implemented: such models run on ``_HFCache`` once a
     sequence could exceed the window (see ``_fits_window``).
+
+    The cache has two parts. The prompt part (L, U, Hkv, Lp, D) is kept once per distinct
+    prompt (a GRPO group of G rows shares one), filled by the prefill. The completion part
+    (L, U, Hkv, G, T, D) is a grid of slots, G per prompt (``start``); a slot without a row
+    (ragged groups) or whose row finished decodes padding until the next compaction
+    (``retire``). A decoding step scores the group's queries against its prompt's keys as one
+    matmul, (U, Hkv, G*rep, D) x (U, Hkv, D, Lp), concatenates each row's own completion
+    scores and takes one softmax, so the prompt cache is never copied G times and its keys
+    are read once per group. When groups get too ragged for a grid (more than a quarter
+    gaps), each row gets its own copy of its prompt's cache (G = 1).
     """
 
     SUPPORTED = ("llama", "qwen2", "mistral")
 
     def __init__(self, model: PreTrainedModel, batch: int, max_len: int) -> None:
+        """``batch`` prompts of at most ``max_len`` tokens (the prefill's shape)."""
         self.model = model
         inner = model.model
         self.layers = inner.layers
@@ -92,56 +119,149 @@ class _LlamaLike:
         self.head_dim = attn.head_dim
         self.n_heads = self.cfg.num_attention_heads
         self.n_kv = self.cfg.num_key_value_heads
+        self.rep = self.n_heads // self.n_kv
         param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
         shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, B, Hkv, Tmax, D)
-        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=param.device)
-        self.t = 0  # columns filled
+        self.kp = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, U, Hkv, Lp, D)
+        self.vp = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.pvalid = torch.zeros((batch, max_len), dtype=torch.bool, device=param.device)
+        self.t = 0  # completion columns filled
+        self.k = self.v = self.kp[:, :0]  # the completion cache, once ``start`` ran
+        self.U = self.G = 0
 
     @classmethod
     def supports(cls, model: PreTrainedModel) -> bool:
         return getattr(model.config, "model_type", "") in cls.SUPPORTED and hasattr(model, "model")
 
-    def select(self, idx: torch.Tensor) -> None:
-        self.k, self.v, self.valid = self.k[:, idx], self.v[:, idx], self.valid[idx]
-
-    def forward(
+    def prefill(
         self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, last_only: bool = True
     ) -> torch.Tensor:
-        """ids, pos, valid: (B, S) new tokens; returns last-position logits (B, V), or (B, S, V)."""
-        B, S = ids.shape
-        t0, t1 = self.t, self.t + S
-        self.valid[:B, t0:t1] = valid
-        h = self.model.model.embed_tokens(ids)  # (B, S, C)
+        """ids, pos, valid: (U, S) left-padded prompts; returns last-position logits (U, V),
+        or (U, S, V). Fills the prompt cache."""
+        U, S = ids.shape
+        self.pvalid = self.pvalid[:U, :S].clone()
+        self.pvalid[:] = valid
+        self.kp, self.vp = self.kp[:, :U, :, :S], self.vp[:, :U, :, :S]
+        h = self.model.model.embed_tokens(ids)  # (U, S, C)
         cos, sin = self.model.model.rotary_emb(h, pos)
-        keys_ok = self.valid[:B, :t1]  # (B, t1)
-        if S == 1:
-            mask = keys_ok[:, None, None, :]  # (B, 1, 1, t1)
-        else:  # prefill: causal within the new block, plus padding
-            causal = torch.ones((S, t1), dtype=torch.bool, device=ids.device).tril(diagonal=t0)
-            mask = causal[None, None] & keys_ok[:, None, None, :]
-            mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
-        rep = self.n_heads // self.n_kv
+        causal = torch.ones((S, S), dtype=torch.bool, device=ids.device).tril()
+        mask = causal[None, None] & valid[:, None, None, :]
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-            k = attn.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-            v = attn.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)  # (U, H, S, D)
+            k = attn.k_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)  # (U, Hkv, S, D)
+            v = attn.v_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.k[li, :B, :, t0:t1] = k
-            self.v[li, :B, :, t0:t1] = v
-            kk, vv = self.k[li, :B, :, :t1], self.v[li, :B, :, :t1]
-            if rep > 1:
-                kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+            self.kp[li], self.vp[li] = k, v
+            kk, vv = k, v
+            if self.rep > 1:
+                kk, vv = kk.repeat_interleave(self.rep, 1), vv.repeat_interleave(self.rep, 1)
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(U, S, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.t = t1
         if last_only:
             h = h[:, -1]
         return self.model.lm_head(self.model.model.norm(h))
+
+    forward = prefill  # the prefill is the only multi-token forward
+
+    @property
+    def size(self) -> int:
+        """Completion-cache slots, U x G (gaps included)."""
+        return self.U * self.G
+
+    def start(self, row_prompt: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Allocate the completion cache for rows of prompts ``row_prompt`` (B,) (indices into
+        the prefill); returns each row's slot."""
+        self.T = max(1, max_new)
+        self.t = 0
+        slot, _ = self._layout(row_prompt, force=True)
+        assert slot is not None
+        return slot
+
+    def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
+        """Only the rows at ``slot`` (n,) go on. Compacts the cache when that shrinks it to at
+        most 3/4 of its slots and returns the new slots; otherwise None (finished rows and
+        gaps ride along, their outputs dropped)."""
+        new, _ = self._layout(slot, force=False)
+        return new
+
+    def _layout(self, src: torch.Tensor, force: bool) -> tuple[torch.Tensor | None, int]:
+        """Lay rows out as a (U, G) grid: prompt u's rows in slots u*G .. u*G+G-1. ``src`` is
+        each row's prompt (``force``: the first layout) or its current slot. A grid with many
+        gaps (ragged groups) becomes one prompt copy per row (G = 1) instead."""
+        if force:
+            u = src
+        else:
+            u = torch.div(src, self.G, rounding_mode="floor")
+        n = len(src)
+        used, inv = torch.unique(u, return_inverse=True)
+        counts = torch.bincount(inv, minlength=len(used))
+        G = int(counts.max())
+        per_row = len(used) * G > 1.25 * n
+        size = n if per_row else len(used) * G
+        if not force and size > 0.75 * self.size:
+            return None, size
+        if per_row:
+            new_u, new_g, pick = torch.arange(n, device=src.device), torch.zeros_like(u), u
+            U, G = n, 1
+        else:
+            order = torch.argsort(inv, stable=True)
+            start = torch.cumsum(counts, 0) - counts
+            new_g = torch.empty_like(inv)
+            new_g[order] = torch.arange(n, device=src.device) - start[inv[order]]
+            new_u, pick, U = inv, used, len(used)
+        L, _, Hkv, _, D = self.kp.shape
+        shape = (L, U, Hkv, G, self.T, D)
+        make = torch.zeros if U * G > n else torch.empty  # gaps: zeros, never NaN
+        k = make(shape, dtype=self.dtype, device=self.device)
+        v = make(shape, dtype=self.dtype, device=self.device)
+        if not force and self.t:
+            old_g = src - u * self.G
+            k[:, new_u, :, new_g, : self.t] = self.k[:, u, :, old_g, : self.t]
+            v[:, new_u, :, new_g, : self.t] = self.v[:, u, :, old_g, : self.t]
+        self.k, self.v = k, v  # (L, U, Hkv, G, T, D)
+        self.kp, self.vp, self.pvalid = self.kp[:, pick], self.vp[:, pick], self.pvalid[pick]
+        bias = torch.zeros(self.pvalid.shape, dtype=self.dtype, device=self.device)
+        self.pbias = bias.masked_fill(~self.pvalid, float("-inf"))[:, None, None, :]  # (U,1,1,Lp)
+        self.U, self.G = U, G
+        return new_u * G + new_g, size
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids, pos: (U*G,) one new token per slot; returns logits (U*G, V)."""
+        U, G, t = self.U, self.G, self.t
+        S = U * G
+        H, Hkv, rep, D = self.n_heads, self.n_kv, self.rep, self.head_dim
+        h = self.model.model.embed_tokens(ids[:, None])  # (S, 1, C)
+        cos, sin = self.model.model.rotary_emb(h, pos[:, None])
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(S, 1, H, D).transpose(1, 2)  # (S, H, 1, D)
+            k = attn.k_proj(x).view(S, 1, Hkv, D).transpose(1, 2)  # (S, Hkv, 1, D)
+            v = attn.v_proj(x).view(S, 1, Hkv, D).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.k[li, :, :, :, t] = k.view(U, G, Hkv, D).transpose(1, 2)
+            self.v[li, :, :, :, t] = v.view(U, G, Hkv, D).transpose(1, 2)
+            # (U, Hkv, G, rep, D): head h of a row uses kv head h // rep
+            qg = (q.reshape(U, G, Hkv, rep, D).transpose(1, 2) * attn.scaling).contiguous()
+            kc, vc = self.k[li, ..., : t + 1, :], self.v[li, ..., : t + 1, :]  # (U, Hkv, G, t+1, D)
+            s_c = qg @ kc.transpose(-1, -2)  # (U, Hkv, G, rep, t+1): each row's own tokens
+            # the prompt's keys, once per group: (U, Hkv, G*rep, D) x (U, Hkv, D, Lp)
+            s_p = qg.view(U, Hkv, G * rep, D) @ self.kp[li].transpose(-1, -2) + self.pbias
+            Lp = s_p.shape[-1]
+            s = torch.cat([s_p.view(U, Hkv, G, rep, Lp), s_c], dim=-1)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(qg.dtype)
+            o = p[..., Lp:] @ vc  # (U, Hkv, G, rep, D)
+            o = o + (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li]).view(o.shape)
+            o = o.transpose(1, 2).reshape(S, 1, -1)  # (S, 1, H*D), heads in model order
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.t = t + 1
+        return self.model.lm_head(self.model.model.norm(h[:, 0]))
 
 
 def _fits_window(model: PreTrainedModel, max_len: int) -> bool:
@@ -267,17 +387,18 @@ def _decode(
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = max_prompt + int(max_new.max())
     if _LlamaLike.supports(model) and _fits_window(model, max_len):
-        runner: _LlamaLike | _HFCache = _LlamaLike(model, U, max_len)
+        runner: _LlamaLike | _HFCache = _LlamaLike(model, U, max_prompt)
     else:
         runner = _HFCache(model)
     logits = runner.forward(input_ids, positions, valid)[row_prompt]  # (B, V)
-    if U < B or isinstance(runner, _HFCache):
-        runner.select(row_prompt)
-    next_pos = positions[row_prompt, -1] + 1  # (B,)
-
     live = torch.arange(B, device=device)  # batch index of each live row
-    slot = torch.arange(B, device=device)  # cache row of each live row
-    n_cache = B
+    if isinstance(runner, _LlamaLike):  # a (prompt, row-in-group) grid of cache slots
+        slot = runner.start(row_prompt, int(max_new.max()))  # cache slot of each live row
+        n_cache = runner.size
+    else:
+        runner.select(row_prompt)
+        slot, n_cache = torch.arange(B, device=device), B
+    next_pos = positions[row_prompt, -1] + 1  # (B,)
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
     emitted: list[list[int]] = [[] for _ in range(B)]  # kept only for stop strings
     while True:
@@ -287,8 +408,7 @@ def _decode(
         if bool(g.all()):
             tok = logp.argmax(-1)
         else:
-            probs = torch.softmax(_filter_logits(scaled, top_p[live], top_k[live]), dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tok = _draw(_filter_logits(scaled, top_p[live], top_k[live]), generator)
             if bool(g.any()):
                 tok = torch.where(g, logp.argmax(-1), tok)
         if any_budget:  # budget forcing may replace the drawn token
@@ -323,14 +443,25 @@ def _decode(
         live, tok, next_pos, slot = live[keep], tok[keep], next_pos[keep], slot[keep]
         # Compact the cache once a quarter of its rows are finished, so copies stay O(cache);
         # until then finished rows ride along as padding and their outputs are dropped.
-        if len(live) <= 0.75 * n_cache or (isinstance(runner, _HFCache) and len(live) < n_cache):
-            runner.select(slot)
-            slot, n_cache = torch.arange(len(live), device=device), len(live)
-        ids = torch.full((n_cache, 1), pad_id, dtype=torch.long, device=device)
-        pos = torch.zeros((n_cache, 1), dtype=torch.long, device=device)
-        new_valid = torch.zeros((n_cache, 1), dtype=torch.bool, device=device)
-        ids[slot, 0], pos[slot, 0], new_valid[slot, 0] = tok, next_pos, True
-        logits = runner.forward(ids, pos, new_valid)[slot]
+        if isinstance(runner, _LlamaLike):
+            if len(live) <= 0.75 * n_cache:
+                new_slot = runner.retire(slot)
+                if new_slot is not None:
+                    slot, n_cache = new_slot, runner.size
+            # finished rows and gaps in the cache decode a pad token; their outputs are dropped
+            ids = torch.full((n_cache,), pad_id, dtype=torch.long, device=device)
+            pos = torch.zeros((n_cache,), dtype=torch.long, device=device)
+            ids[slot], pos[slot] = tok, next_pos
+            logits = runner.step(ids, pos)[slot]
+        else:
+            if len(live) < n_cache:
+                runner.select(slot)
+                slot, n_cache = torch.arange(len(live), device=device), len(live)
+            ids = torch.full((n_cache, 1), pad_id, dtype=torch.long, device=device)
+            pos = torch.zeros((n_cache, 1), dtype=torch.long, device=device)
+            new_valid = torch.zeros((n_cache, 1), dtype=torch.bool, device=device)
+            ids[slot, 0], pos[slot, 0], new_valid[slot, 0] = tok, next_pos, True
+            logits = runner.forward(ids, pos, new_valid)[slot]
         next_pos = next_pos + 1
 
 
