@@ -151,6 +151,7 @@ def main() -> int:
         f"{args.requests / wall:.1f} req/s   p50 {1000 * statistics.median(lat):.0f} ms   "
         f"p99 {1000 * p99:.0f} ms   errors {errors}   (server exit {server.returncode})"
     )
+    print(f"errors={errors}")
     return 1 if errors else 0
 
 

@@ -51,3 +51,11 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "ahamoment.stages.zero", "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "--prompts-per-step" in res.stdout
+
+
+def test_two_word_command_is_the_hyphenated_one(capsys):
+    # `aha distill generate --help` is `aha distill-generate --help`
+    with pytest.raises(SystemExit) as e:
+        cli.main(["distill", "generate", "--help"])
+    assert e.value.code == 0
+    assert "--teacher" in capsys.readouterr().out

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "--version"):
         top.parse_args(argv or ["--help"])
         return 0
+    if len(argv) > 1 and f"{argv[0]}-{argv[1]}" in COMMANDS:  # `aha distill generate`
+        argv = [f"{argv[0]}-{argv[1]}", *argv[2:]]
     if argv[0] not in COMMANDS:
         top.parse_args(argv[:1])  # prints the usage error with the choices
         return 2

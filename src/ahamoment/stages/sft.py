@@ -1,0 +1,454 @@
+"""`aha sft`: supervised fine-tuning on JSONL, with the loss on completion tokens only.
+
+Rows are ``{"prompt": str, "completion": str}`` (what `aha distill generate` writes) or
+``{"messages": [...]}`` chat turns, whose last assistant turn is the completion and the rest,
+rendered with the tokenizer's chat template, the prompt. A ``--data`` entry may be a file or a
+directory of ``traces-*.jsonl`` shards.
+
+Loop: each step takes ``batch_size`` sequences in a seeded per-epoch order; (1) lays them out,
+padded to the longest or, with ``--pack``, packed first-fit into rows of ``pack_len`` tokens
+whose position ids restart per sequence under a block-diagonal causal mask (no attention
+across sequences, so the loss equals the unpacked one); (2) computes logits only at
+completion positions and the token-mean cross-entropy over the step's completion tokens;
+(3) steps AdamW with linear warm-up and cosine decay to 10%; (4) logs; (5) checkpoints. The
+model is evaluated on held-out problems at the end (`evaluation.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from ahamoment import checkpoint
+from ahamoment import config as cfglib
+from ahamoment.data import DataError, read_jsonl
+from ahamoment.evaluation import evaluate
+from ahamoment.models import load_model, load_tokenizer, n_params, set_threads
+from ahamoment.progress import progress_bar
+from ahamoment.splits import heldout, real_countdown
+from ahamoment.stages.pretrain import ensure_base_model
+from ahamoment.tasks import TASKS
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""
+    """JSONL files or trace directories, comma-separated (rows: prompt/completion, or messages)."""
+    model: str = ""
+    """Local HF causal-LM directory to fine-tune. Empty: the embedded default (built on first use)."""
+    pretrain_recipe: str = ""
+    """With no --model: YAML recipe of the embedded base model (e.g. a smaller student)."""
+    task: str = "countdown"
+    """Task whose held-out problems evaluate the result (and whose base model is the default)."""
+    epochs: float = 3.0
+    """Passes over the data (fractions allowed)."""
+    batch_size: int = 32
+    """Sequences per optimizer step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    warmup: int = 20
+    """Linear warm-up steps; then cosine decay to 10% of the peak."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_len: int = 512
+    """Longest sequence (prompt + completion) in tokens; longer ones are cut at the end."""
+    pack: bool = True
+    """Pack a step's sequences into rows of pack_len (block-diagonal attention) instead of padding."""
+    pack_len: int = 256
+    """Row length when packing (a longer sequence gets a row of its own). Attention costs T² per
+    row, so rows a few sequences long beat long rows."""
+    save_every: int = 200
+    """Checkpoint every N steps (and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk."""
+    heldout_n: int = 500
+    """Held-out problems evaluated at the end (0: no evaluation)."""
+    eval_k: int = 4
+    """Samples per held-out problem for pass@1 (mean over k)."""
+    eval_temperature: float = 1.0
+    """Held-out sampling temperature."""
+    max_new_tokens: int = 128
+    """Longest completion in the evaluation."""
+    real_eval: bool = True
+    """Also evaluate on the packaged real Countdown sample (Countdown tasks only)."""
+    out: str = ""
+    """Run directory; empty means runs/sft-<timestamp>."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    seed: int = 0
+    """Seed for the data order and the evaluation draws."""
+    threads: int = 0
+    """torch CPU threads; 0 uses every core this process may run on."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("--data: give a JSONL file or a trace directory")
+        if self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError("batch_size and epochs must be positive")
+        if self.max_len < 2 or self.pack_len < 2:
+            raise ValueError("max_len and pack_len must be at least 2 tokens")
+        if self.heldout_n < 0 or self.eval_k < 1:
+            raise ValueError("heldout_n must be >= 0 and eval_k >= 1")
+        TASKS.get(self.task)
+
+    def paths(self) -> list[Path]:
+        out: list[Path] = []
+        for part in filter(None, (p.strip() for p in self.data.split(","))):
+            p = Path(part)
+            if p.is_dir():
+                shards = sorted(p.glob("traces-*.jsonl"))
+                if not shards:
+                    raise FileNotFoundError(f"{p}: no traces-*.jsonl shards in this directory")
+                out += shards
+            elif p.exists():
+                out.append(p)
+            else:
+                raise FileNotFoundError(f"--data: {p} does not exist")
+        return out
+
+
+# --- data ------------------------------------------------------------------------------------
+def load_pairs(paths: list[Path], tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) text pairs; a bad row raises ``DataError`` naming file and line."""
+    pairs = []
+    for path in paths:
+        for lineno, row in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            if "messages" in row:
+                msgs = row["messages"]
+                if (
+                    not isinstance(msgs, list)
+                    or len(msgs) < 2
+                    or not all(isinstance(m, dict) and "content" in m for m in msgs)
+                    or msgs[-1].get("role") != "assistant"
+                ):
+                    raise DataError(
+                        f"{where}: 'messages' must be a list of {{role, content}} turns ending "
+                        "with an assistant turn"
+                    )
+                prompt = tokenizer.apply_chat_template(
+                    msgs[:-1], tokenize=False, add_generation_prompt=True
+                )
+                pairs.append((prompt, str(msgs[-1]["content"])))
+            elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                pairs.append((row["prompt"], row["completion"]))
+            else:
+                raise DataError(
+                    f"{where}: expected string fields 'prompt' and 'completion', or 'messages'"
+                )
+    if not pairs:
+        raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    return pairs
+
+
+def encode_pair(
+    tokenizer: Any, prompt: str, completion: str, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels: prompt positions carry IGNORE, completion + EOS are the targets."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + c)[:max_len]
+    labels = ([IGNORE] * len(p) + c)[:max_len]
+    return ids, labels
+
+
+@dataclass
+class Batch:
+    """One step's layout: (R, T) rows; targets are already shifted (labels[t] = ids[t+1])."""
+
+    input_ids: torch.Tensor  # (R, T)
+    targets: torch.Tensor  # (R, T), IGNORE where no loss
+    position_ids: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, 1, T, T) bool, block-diagonal causal
+
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def _rows(seqs: list[tuple[list[int], list[int]]], pack: bool, pack_len: int) -> list[list[int]]:
+    """Which sequences share a row: first-fit decreasing when packing, else one per row."""
+    if not pack:
+        return [[i] for i in range(len(seqs))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        n = len(seqs[i][0])
+        for r in range(len(rows)):
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max(pack_len, n) - n)
+    return rows
+
+
+def collate(
+    seqs: list[tuple[list[int], list[int]]], pad_id: int, pack: bool, pack_len: int
+) -> Batch:
+    layout = _rows(seqs, pack, pack_len)
+    T = max(sum(len(seqs[i][0]) for i in row) for row in layout)
+    R = len(layout)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    targets = torch.full((R, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    seg = torch.full((R, T), -1, dtype=torch.long)  # sequence index per position; -1 pad
+    for r, row in enumerate(layout):
+        at = 0
+        for i in row:
+            s_ids, s_lab = seqs[i]
+            n = len(s_ids)
+            ids[r, at : at + n] = torch.tensor(s_ids)
+            # next-token targets within the sequence only: the last position predicts nothing
+            targets[r, at : at + n - 1] = torch.tensor(s_lab[1:])
+            pos[r, at : at + n] = torch.arange(n)
+            seg[r, at : at + n] = i
+            at += n
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (R, T, T)
+    mask = same & causal
+    mask |= torch.eye(T, dtype=torch.bool)  # pad rows attend to themselves: no NaN
+    return Batch(ids, targets, pos, mask[:, None])
+
+
+def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """Token-mean cross-entropy over the batch's completion tokens.
+
+    Logits are computed only where there is a target: the LM head and softmax skip prompts
+    and padding.
+    """
+    base = getattr(model, "model", None)
+    keep = batch.targets != IGNORE  # (R, T)
+    if base is not None and hasattr(model, "lm_head"):
+        hidden = base(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+        ).last_hidden_state  # (R, T, H)
+        logits = model.lm_head(hidden[keep])  # (N, V)
+    else:  # any causal LM without the usual base/head split
+        logits = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+        ).logits[keep]
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of optimizer step ``step``: a resumed run draws exactly what it would have."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, k = divmod(step, per_epoch)
+    return epoch_order(n, seed, epoch)[k * batch_size : (k + 1) * batch_size]
+
+
+def total_steps(n: int, cfg: SFTConfig) -> int:
+    return max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
+
+
+def _resolve_run_dir(cfg: SFTConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    return Path("runs") / f"sft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# --- the stage -------------------------------------------------------------------------------
+def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    set_threads(cfg.threads)
+    t_start = time.time()
+    run = _resolve_run_dir(cfg)
+    ckpt_root = run / "checkpoints"
+    resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
+    if resume_from is None and run.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
+        if not cfg.resume:
+            raise FileExistsError(
+                f"{run} is not empty; pass --resume to continue it, or another --out"
+            )
+    run.mkdir(parents=True, exist_ok=True)
+    cfglib.save_yaml(cfg, run / "config.yaml")
+
+    base_path = ensure_base_model(cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console)
+    tokenizer = load_tokenizer(base_path)
+    examples = [
+        encode_pair(tokenizer, p, c, cfg.max_len) for p, c in load_pairs(cfg.paths(), tokenizer)
+    ]
+    model = load_model(resume_from or base_path)
+    steps = total_steps(len(examples), cfg)
+    console.print(
+        f"[bold]Run:[/] {run}   model {base_path} ({n_params(model):,} parameters)   "
+        f"{len(examples):,} examples, {steps} steps"
+    )
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+
+    def lr_lambda(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step, train_s, tokens = 0, 0.0, 0
+    if resume_from is not None:
+        state = checkpoint.load_trainer_state(resume_from, optimizer, scheduler)
+        step, train_s, tokens = state["step"], state.get("train_s", 0.0), state.get("tokens", 0)
+        console.print(f"[bold]Resuming[/] {run} from step {step}")
+    metrics_path = run / "metrics.jsonl"
+    if metrics_path.exists():  # rows after the checkpoint will be logged again
+        keep = [
+            ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step
+        ]
+        metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(at: int) -> None:
+        checkpoint.save(
+            ckpt_root,
+            at,
+            accelerator.unwrap_model(model),
+            tokenizer,
+            optimizer,
+            scheduler,
+            {"run": str(run), "train_s": train_s, "tokens": tokens},
+            cfg.keep_checkpoints,
+        )
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    model.train()
+    try:
+        with progress_bar(console) as bar:
+            bar_id = bar.add_task("aha sft", total=steps, completed=step, info="")
+            while step < steps:
+                t0 = time.time()
+                # 1. layout: padded or packed rows of this step's sequences
+                seqs = [
+                    examples[i] for i in step_indices(len(examples), cfg.batch_size, cfg.seed, step)
+                ]
+                batch = collate(seqs, tokenizer.pad_token_id, cfg.pack, cfg.pack_len)
+                # 2. loss on completion tokens only
+                loss = sft_loss(model, batch)
+                # 3. optimizer step
+                accelerator.backward(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.time() - t0
+                train_s += dt
+                n_tok = sum(len(s[0]) for s in seqs)
+                tokens += n_tok
+                # 4. log
+                row = {
+                    "step": step,
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tok_s": n_tok / max(dt, 1e-9),
+                    "pad_share": 1 - n_tok / batch.input_ids.numel(),
+                }
+                _append(metrics_path, row)
+                bar.update(bar_id, advance=1, info=f"loss {row['loss']:.3f}")
+                # 5. checkpoint
+                if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                    save(step)
+    except KeyboardInterrupt:
+        save(step)
+        console.print(
+            f"[yellow]Interrupted: saved step {step}. Resume with: aha sft --out {run} --resume"
+        )
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+
+    policy = accelerator.unwrap_model(model).eval()
+    policy.save_pretrained(str(run / "final"))
+    tokenizer.save_pretrained(str(run / "final"))
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "examples": len(examples),
+        "train_s": round(train_s, 2),
+        "train_tok_s": tokens / max(train_s, 1e-9),
+        "model": str(base_path),
+    }
+    summary.update(evaluate_final(policy, tokenizer, cfg))
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    h = summary.get("heldout")
+    if h:
+        console.print(
+            f"held-out pass@1 {h['pass1']:.3f}  greedy {h['greedy_acc']:.3f}  "
+            f"mean length {h['mean_len']:.1f}   train {train_s:.0f} s"
+        )
+    return summary
+
+
+def evaluate_final(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+    """Held-out (and real Countdown) figures of ``model`` with the config's eval settings."""
+    out: dict[str, Any] = {}
+    if not cfg.heldout_n:
+        return out
+    with torch.no_grad():
+
+        def ev(problems, seed):
+            return evaluate(
+                model,
+                tokenizer,
+                problems,
+                k=cfg.eval_k,
+                temperature=cfg.eval_temperature,
+                top_p=1.0,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=seed,
+            ).summary
+
+        out["heldout"] = ev(heldout(cfg.task, cfg.heldout_n), cfg.seed)
+        if cfg.real_eval and cfg.task.startswith("countdown"):
+            rows = list(real_countdown())
+            out["real"] = {
+                f"{n}_numbers": ev([p for p in rows if len(p.fields["nums"]) == n], cfg.seed + 7)
+                for n in (3, 4)
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ahamoment.cli import run_stage
+
+    return run_stage("sft", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
