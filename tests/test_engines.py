@@ -35,35 +35,27 @@ V = 64
 ALPHA = 1e-3  # chi-square significance: a correct sampler fails a test with probability 1e-3
 
 
+# Shared shape: 2 layers, 4 query heads over 2 key/value heads (grouped-query attention).
+_SHAPE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+)
+
+
 def _llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**_SHAPE)).eval()
 
 
 def _qwen2() -> Qwen2ForCausalLM:
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(1)
-    return Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**_SHAPE, tie_word_embeddings=False)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from ahamoment.stages.eval import (
     summarize,
 )
 from ahamoment.tasks import get_task
+from tests_support import serve_on_loopback
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "recipes" / "pretrain-tiny.yaml")
@@ -293,24 +293,12 @@ def make_app(model, tokenizer, served: list):
 
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tiny_tokenizer):
-    uvicorn = pytest.importorskip("uvicorn")  # the dev extra
+    pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
 
     served: list[str] = []
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(tiny_model, tiny_tokenizer, served), log_level="warning")
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until the server takes it
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "test server did not start"
-        time.sleep(0.01)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", served=served)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_on_loopback(make_app(tiny_model, tiny_tokenizer, served)) as url:
+        yield SimpleNamespace(url=f"{url}/v1", served=served)
 
 
 def test_openai_engine_token_and_text_prompts_match_our_sampler(

@@ -17,12 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from ahamoment.models import save_model
 from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.rollout.base import Request
 from ahamoment.server import Service, StopFilter, ThinkSplitter, make_app, split_reasoning
+from tests_support import serve_on_loopback
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -112,23 +111,8 @@ def tagged_model(tiny_model, tiny_tokenizer):
     return model.eval()
 
 
-@contextmanager
 def serving(service: Service, log_level: str = "warning"):
-    server = uvicorn.Server(uvicorn.Config(make_app(service), log_level=log_level))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until the server takes it
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+    return serve_on_loopback(make_app(service), log_level)
 
 
 def make_service(model, tokenizer, **kw) -> Service:

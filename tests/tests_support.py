@@ -1,6 +1,34 @@
 """Helpers importable from test modules (tests/ is on sys.path under pytest's rootdir)."""
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ahamoment.models import r1_zero_prompt
+
+
+@contextmanager
+def serve_on_loopback(app, log_level: str = "warning") -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held until the server takes it
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
 
 def corpus_text() -> str:

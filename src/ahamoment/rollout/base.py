@@ -128,6 +128,13 @@ ENGINES: Registry[Any] = Registry("rollout engine")
 """Engine factories: ``ENGINES.get(name)(model, tokenizer, **options) -> Engine``."""
 
 
+def resolve_pad_id(tokenizer: Any, pad_id: int | None) -> int:
+    """``pad_id`` if given, else the tokenizer's pad token, else 0 (pads are never attended)."""
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad_id is None else int(pad_id)
+
+
 def make_engine(name: str, model: Any, tokenizer: Any = None, **options: Any) -> Engine:
     """Build a registered engine ("torch", "hf", "vllm") or one named by import path."""
     return ENGINES.get(name)(model, tokenizer, **options)

@@ -30,6 +30,7 @@ from ahamoment.rollout.base import (
     Request,
     StopStrings,
     TokenEvent,
+    resolve_pad_id,
     truncate,
 )
 from ahamoment.rollout.budget import reject_budget
@@ -54,9 +55,7 @@ class HFEngine:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = 0 if pad_id is None else int(pad_id)
+        self.pad_id = resolve_pad_id(tokenizer, pad_id)
 
     @torch.no_grad()
     def _one(self, request: Request, generator: torch.Generator | None) -> list[Completion]:

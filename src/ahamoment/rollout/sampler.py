@@ -38,6 +38,7 @@ from ahamoment.rollout.base import (
     SamplingParams,
     StopStrings,
     TokenEvent,
+    resolve_pad_id,
 )
 from ahamoment.rollout.budget import BudgetState
 
@@ -508,9 +509,7 @@ class TorchEngine:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = 0 if pad_id is None else int(pad_id)
+        self.pad_id = resolve_pad_id(tokenizer, pad_id)
         self.max_batch_rows = max_batch_rows  # rows decoded together; None: one batch
 
     def generate(
