@@ -40,6 +40,13 @@ COMMANDS: dict[str, Command] = {
         "zero",
         "R1-Zero: GRPO on a base model with rule-based rewards (correctness + format).",
     ),
+    "r1": Command(
+        "r1",
+        "R1Config",
+        "r1",
+        "DeepSeek-R1's four stages (cold start, reasoning RL, rejection sampling + SFT, final RL) "
+        "against R1-Zero.",
+    ),
     "eval": Command(
         "eval",
         "EvalConfig",

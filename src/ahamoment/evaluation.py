@@ -18,6 +18,7 @@ from ahamoment.metrics import (
     is_self_correction,
     length_stats,
     majority_vote,
+    mixing_rate,
     pass_at_k,
     step_accuracy,
 )
@@ -167,6 +168,7 @@ def evaluate(
         "reflection_rate": sum(refl) / max(1, len(refl)),
         "self_correction_rate": sum(selfc) / max(1, len(selfc)),
         "step_accuracy": step_accuracy(sampled.texts),
+        "mixing_rate": mixing_rate(sampled.texts) if sampled.texts else 0.0,
         "settings": SampleSettings(temperature, top_p, k, k).as_dict()
         | {"max_new_tokens": max_new_tokens},
     }

@@ -5,6 +5,10 @@ is gathered to the G rows that share it (a differentiable index), and only the c
 are run on top. Gradients through the prompt are the same as with G full forwards (a test
 checks it), at a fraction of the compute: on the embedded model the prompt is ~2/3 of the
 tokens of a row.
+
+With gradient checkpointing on (and gradients enabled), transformers turns the KV cache off,
+so each row then runs prompt + completion in one forward (``_joint_logprobs``; same values).
+Inputs are built on the model's device.
 """
 
 from __future__ import annotations
@@ -54,32 +58,70 @@ def completion_logprobs(
     mask, and optionally the per-token entropy (B, Lc, no grad; 0 at padding). Logits are divided by
     ``temperature`` as in the sampler, so ratios compare like with like. ``width`` pads the
     completion axis to at least that many columns (to line minibatches up with a full batch)."""
+    device = next(model.parameters()).device
+    if _checkpointing(model) and torch.is_grad_enabled():
+        logits, ids_c, mask = _joint_logits(model, prompts, completions, pad_id, width, device)
+        return _from_logits(logits, ids_c, mask, temperature, with_entropy)
     uniq: dict[tuple[int, ...], int] = {}
     row_prompt = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
-    ids_p, attn_p = left_pad(list(uniq), pad_id)  # (U, Lp)
+    ids_p, attn_p = (t.to(device) for t in left_pad(list(uniq), pad_id))  # (U, Lp)
     pos_p = (attn_p.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids_p, attention_mask=attn_p, position_ids=pos_p, use_cache=True)
-    idx = torch.tensor(row_prompt)
-    cache = out.cache
+    idx = torch.tensor(row_prompt, device=device)
+    # transformers >= 5.2x names the KV cache ``cache`` (output and argument), earlier 5.x
+    # ``past_key_values``; the prompt forward's output says which this one is
+    key = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, key)
     cache.batch_select_indices(idx)  # (U, ...) -> (B, ...), differentiable gather
     first_logits = out.logits[idx, -1]  # (B, V): predicts each completion's first token
 
-    ids_c, mask = right_pad(completions, pad_id, width)  # (B, Lc)
+    ids_c, mask = (t.to(device) for t in right_pad(completions, pad_id, width))  # (B, Lc)
     B, Lc = ids_c.shape
-    attn = torch.cat([attn_p[idx], torch.ones((B, Lc), dtype=torch.long)], dim=1)
-    prompt_len = torch.tensor([len(p) for p in prompts])
-    pos_c = prompt_len[:, None] + torch.arange(Lc)[None, :]  # (B, Lc)
-    out_c = model(input_ids=ids_c, attention_mask=attn, position_ids=pos_c, cache=cache)
+    attn = torch.cat([attn_p[idx], torch.ones((B, Lc), dtype=torch.long, device=device)], dim=1)
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+    pos_c = prompt_len[:, None] + torch.arange(Lc, device=device)[None, :]  # (B, Lc)
+    out_c = model(input_ids=ids_c, attention_mask=attn, position_ids=pos_c, **{key: cache})
     # logits at completion position j-1 predict token j; the prompt's last logits predict token 0
     logits = torch.cat([first_logits[:, None], out_c.logits[:, :-1]], dim=1)  # (B, Lc, V)
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return _from_logits(logits, ids_c, mask, temperature, with_entropy)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Gradient checkpointing on and in training mode (the KV cache is then unavailable)."""
+    inner = getattr(model, "module", model)  # DDP
+    # transformers 5.2x renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    on = getattr(inner, "is_activation_checkpointing", None)
+    if on is None:
+        on = getattr(inner, "is_gradient_checkpointing", False)
+    return bool(on) and inner.training
+
+
+def _joint_logits(model, prompts, completions, pad_id: int, width: int, device):
+    """Logits (B, Lc, V) of each completion token from one forward over prompt + completion."""
+    ids_c, mask = (t.to(device) for t in right_pad(completions, pad_id, width))  # (B, Lc)
+    B, Lc = ids_c.shape
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids, attn = (t.to(device) for t in right_pad(rows, pad_id))  # (B, L), right-padded
+    pos = torch.arange(ids.shape[1], device=device).expand(B, -1)  # (B, L)
+    out = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos, use_cache=False)
+    # position len(p) + j - 1 predicts completion token j; padding columns read any position
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+    at = (prompt_len[:, None] - 1 + torch.arange(Lc, device=device)[None, :]).clamp(
+        max=ids.shape[1] - 1
+    )  # (B, Lc)
+    logits = out.logits.gather(1, at[..., None].expand(-1, -1, out.logits.shape[-1]))
+    return logits, ids_c, mask
+
+
+def _from_logits(logits, ids_c, mask, temperature: float, with_entropy: bool):
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, Lc, V)
     logp = logp_all.gather(-1, ids_c[..., None]).squeeze(-1) * mask  # (B, Lc)
     entropy = None
     if with_entropy:  # only at real completion tokens (0 at padding): no (B, Lc, V) temporaries
         with torch.no_grad():
             real = mask.bool()
             lp = logp_all.detach()[real]  # (N, V)
-            entropy = torch.zeros(mask.shape, dtype=logp_all.dtype)
+            entropy = torch.zeros(mask.shape, dtype=logp_all.dtype, device=mask.device)
             entropy[real] = -(lp.exp() * lp).sum(-1)
     return logp, mask, entropy
 

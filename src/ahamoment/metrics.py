@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ahamoment.language import FOREIGN_SCRIPT
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, "Codex").
@@ -91,6 +93,23 @@ def is_self_correction(text: str) -> bool:
             if any("=" in later and not has_reflection(later) for later in lines[i + 1 :]):
                 return True
     return False
+
+
+def is_mixed(text: str) -> bool:
+    """True when the reasoning (before ``</think>``/``<answer>``) holds any foreign-script
+    character (language.py): the chain of thought is not purely in the target language."""
+    thinking = _END_OF_THINKING_RE.split(text, maxsplit=1)[0]
+    return FOREIGN_SCRIPT.search(thinking) is not None
+
+
+def mixing_rate(texts: Sequence[str]) -> float:
+    """Language-mixing rate: the fraction of texts whose chain of thought is mixed (is_mixed).
+
+    Its own rule, independent of the language reward (a share per completion): a CoT with one
+    foreign symbol among a hundred counts fully here."""
+    if len(texts) == 0:
+        raise ValueError("mixing_rate of no texts is undefined")
+    return sum(map(is_mixed, texts)) / len(texts)
 
 
 _STEP_RE = re.compile(r"(?<![\d)])(\d+)([+\-*])(\d+)=(-?\d+)")

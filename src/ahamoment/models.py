@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -73,7 +73,11 @@ def cache_dir() -> Path:
 _ISOLATE = r"[0-9]|[+\-*/=(),.\[\]:]|\n"
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int, extra_tokens: Iterable[str | AddedToken] = ()
+) -> PreTrainedTokenizerFast:
+    """BPE over ``texts``; each of ``extra_tokens`` becomes one token of its own (added after
+    training, so they take no merges)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -89,6 +93,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    extra = list(extra_tokens)
+    if extra:
+        tok.add_tokens(
+            [t if isinstance(t, AddedToken) else AddedToken(t, normalized=False) for t in extra]
+        )
     return wrap_tokenizer(tok)
 
 

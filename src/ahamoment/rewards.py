@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ahamoment.language import is_foreign, reasoning
 from ahamoment.registry import Registry
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import Problem, Verdict
@@ -74,6 +75,17 @@ def format_reward(problem: Problem, completion: str) -> float:
 def accuracy_reward(problem: Problem, completion: str) -> float:
     """1.0 iff the last tagged answer is correct by the problem's task verifier."""
     return 1.0 if judge(problem, completion)[1].correct else 0.0
+
+
+@REWARDS.register("language")
+def language_reward(problem: Problem, completion: str) -> float:
+    """Language consistency (DeepSeek-R1, stage 2): the share of the chain of thought written in
+    the target language. Counted over letters and symbols (digits and whitespace are shared by
+    both languages, see language.py); a chain of thought with none of them scores 1."""
+    counted = [c for c in reasoning(completion) if not (c.isspace() or c.isdigit())]
+    if not counted:
+        return 1.0
+    return sum(not is_foreign(c) for c in counted) / len(counted)
 
 
 @dataclass

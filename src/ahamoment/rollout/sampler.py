@@ -23,6 +23,7 @@ is still an exact draw from its own distribution; a fixed seed reproduces a fixe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -281,6 +282,10 @@ class _HFCache:
         self.model = model
         self.cache = DynamicCache()
         self.attn: torch.Tensor | None = None
+        # transformers >= 5.2x calls the KV-cache argument ``cache``, earlier 5.x
+        # ``past_key_values`` (an unknown keyword is silently ignored: no cache at all)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def select(self, idx: torch.Tensor) -> None:
         self.cache.batch_select_indices(idx)
@@ -294,8 +299,8 @@ class _HFCache:
             input_ids=ids,
             attention_mask=self.attn,
             position_ids=pos,
-            cache=self.cache,
             use_cache=True,
+            **{self.cache_arg: self.cache},
         )
         return out.logits[:, -1, :]
 

@@ -29,7 +29,12 @@ Other differences from the torch engine:
 - ``stream`` drives ``llm.llm_engine`` step by step, so it assumes no other request is in
   flight on the same ``LLM``;
 - with a ``generator``, each request gets a seed drawn from it (vLLM's per-request seed), so
-  runs are reproducible, but draws differ from the torch engine's.
+  runs are reproducible, but draws differ from the torch engine's;
+- LoRA (``lora.py``): ``sync_weights`` pushes the base weights with the adapters merged in
+  (``sync_payload``), so vLLM runs a plain model and needs no ``enable_lora``; this costs one
+  full-weight transfer per step, as for full fine-tuning.
+- sampler/trainer log-prob mismatch: `aha zero` logs it (``sampler_mismatch``) and can correct
+  for it with truncated importance sampling (``--tis-cap``, ``rl/tis.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ahamoment.lora import merged_state_dict
 from ahamoment.rollout.base import ENGINES, Completion, Request, SamplingParams, TokenEvent
 from ahamoment.rollout.budget import reject_budget
 
@@ -96,6 +102,12 @@ def completion_from_vllm(output: Any) -> Completion:
     if output.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r}")
     return Completion(ids, lps, output.finish_reason)
+
+
+def sync_payload(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(HF name, tensor)`` pairs for vLLM's ``load_weights``: the model's parameters and
+    buffers under plain HF names, LoRA adapters merged (``lora.merged_state_dict``)."""
+    return [(name, t.detach()) for name, t in merged_state_dict(model).items()]
 
 
 def _free_port() -> int:
@@ -214,8 +226,9 @@ class VLLMEngine:
 
         vLLM 0.31 / TRL 1.16 colocate path: the external_launcher executor runs the worker in
         this process, so its model is reachable and ``load_weights`` maps HF parameter names
-        (``model.layers.0.self_attn.q_proj.weight`` ...) onto vLLM's fused layout itself.
+        (``model.layers.0.self_attn.q_proj.weight`` ...) onto vLLM's fused layout itself. A
+        LoRA model's adapters are merged into those weights first (``sync_payload``).
         """
         target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        target.load_weights((name, t.detach()) for name, t in model.state_dict().items())
+        target.load_weights(sync_payload(model))
         self.llm.reset_prefix_cache()  # cached prefix KV was computed with the old weights

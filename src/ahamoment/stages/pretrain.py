@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
+from ahamoment.language import bilingual_tokens
 from ahamoment.models import (
     build_tokenizer,
     cache_dir,
@@ -64,6 +65,9 @@ class PretrainConfig:
     """Corpus noise: drop the <think>/<answer> tags of a trace."""
     p_guess: float = 0.0
     """Corpus noise: on giving up, answer a random candidate (else the last try)."""
+    p_foreign: float = 0.0
+    """Corpus language mixing: write each reasoning line in the second language (language.py:
+    same steps, other symbols, equal token length) with this probability; `aha r1` uses 0.3."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
     vocab_size: int = 512
@@ -100,7 +104,15 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        for name in ("p_give_up", "p_false_hit", "p_check", "p_drop_tags", "p_template", "p_guess"):
+        for name in (
+            "p_give_up",
+            "p_false_hit",
+            "p_check",
+            "p_drop_tags",
+            "p_template",
+            "p_guess",
+            "p_foreign",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.tokens < self.block * self.batch_size:
@@ -108,12 +120,19 @@ class PretrainConfig:
 
     def noise(self) -> TraceNoise:
         return TraceNoise(
-            self.p_give_up, self.p_false_hit, self.p_check, self.p_drop_tags, self.p_guess
+            self.p_give_up,
+            self.p_false_hit,
+            self.p_check,
+            self.p_drop_tags,
+            self.p_guess,
+            self.p_foreign,
         )
 
     def cache_key(self) -> str:
         ignored = ("threads", "out", "force", "save_every")
         keyed = {k: v for k, v in asdict(self).items() if k not in ignored}
+        if not self.p_foreign:
+            del keyed["p_foreign"]  # added later: monolingual models keep their cache keys
         keyed["task_version"] = getattr(get_task(self.task), "version", 1)
         keyed["corpus_version"] = CORPUS_VERSION
         blob = json.dumps(keyed, sort_keys=True).encode()
@@ -172,7 +191,11 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
         tokenizer = load_tokenizer(tmp)
     else:
         # BPE sees the whole template thousands of times, so its merges cover it.
-        tokenizer = build_tokenizer(docs[:20_000] + [r1_zero_prompt("")] * 2000, cfg.vocab_size)
+        tokenizer = build_tokenizer(
+            docs[:20_000] + [r1_zero_prompt("")] * 2000,
+            cfg.vocab_size,
+            bilingual_tokens() if cfg.p_foreign else (),
+        )
     eos = tokenizer.eos_token
     ids = tokenizer([d + eos for d in docs], add_special_tokens=False, return_attention_mask=False)
     stream = torch.from_numpy(np.fromiter(chain.from_iterable(ids["input_ids"]), dtype=np.int64))

@@ -12,6 +12,12 @@ across sequences, so the loss equals the unpacked one); (2) computes logits only
 completion positions and the token-mean cross-entropy over the step's completion tokens;
 (3) steps AdamW with linear warm-up and cosine decay to 10%; (4) logs; (5) checkpoints. The
 model is evaluated on held-out problems at the end (`evaluation.evaluate`).
+
+Several processes (`accelerate launch` / `torchrun`, see ``distributed.py``): every rank draws
+the same step's sequences and takes its contiguous share; the loss is the rank's sum of
+cross-entropies over the *whole step's* completion-token count (known to every rank from the
+sequences themselves), times W because DDP averages gradients, so the synced gradient is the
+one-process gradient. Rank 0 logs, checkpoints, saves and evaluates.
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 
-from ahamoment import checkpoint
+from ahamoment import checkpoint, lora
 from ahamoment import config as cfglib
 from ahamoment.data import DataError, read_jsonl
+from ahamoment.distributed import Ranks, claim_run_dir, make_accelerator, share_threads
 from ahamoment.evaluation import evaluate
-from ahamoment.models import load_model, load_tokenizer, n_params, set_threads
+from ahamoment.models import load_model, load_tokenizer, n_params
 from ahamoment.progress import progress_bar
 from ahamoment.splits import heldout, real_countdown
 from ahamoment.stages.pretrain import ensure_base_model
@@ -92,7 +98,19 @@ class SFTConfig:
     seed: int = 0
     """Seed for the data order and the evaluation draws."""
     threads: int = 0
-    """torch CPU threads; 0 uses every core this process may run on."""
+    """torch CPU threads; 0 shares the cores this process may run on among the processes of this machine."""
+    device: str = "cpu"
+    """Where to train: cpu, or auto (what accelerate picks: the process's GPU when there is one)."""
+    bf16: bool = False
+    """bf16 mixed precision through accelerate (autocast; weights and optimizer state stay fp32). For GPUs: 2.4x slower on CPU at the embedded size."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
+    lora_rank: int = 0
+    """LoRA rank r through peft (pip install 'ahamoment[lora]'); 0: full fine-tuning."""
+    lora_alpha: float = 32.0
+    """LoRA scaling alpha (the update is B·A·alpha/r)."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Comma-separated module names that get LoRA adapters."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -103,6 +121,9 @@ class SFTConfig:
             raise ValueError("max_len and pack_len must be at least 2 tokens")
         if self.heldout_n < 0 or self.eval_k < 1:
             raise ValueError("heldout_n must be >= 0 and eval_k >= 1")
+        if self.device not in ("cpu", "auto"):
+            raise ValueError(f"device must be cpu or auto, got {self.device!r}")
+        lora.check(self.lora_rank, self.lora_alpha, self.lora_targets)
         TASKS.get(self.task)
 
     def paths(self) -> list[Path]:
@@ -226,15 +247,24 @@ def collate(
     return Batch(ids, targets, pos, mask[:, None])
 
 
-def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
-    """Token-mean cross-entropy over the batch's completion tokens.
+def n_targets(seqs: list[tuple[list[int], list[int]]]) -> int:
+    """Completion tokens that carry a loss in ``seqs`` (as ``collate`` lays them out)."""
+    return sum(sum(t != IGNORE for t in labels[1:]) for _, labels in seqs)
+
+
+def sft_loss(model: Any, batch: Batch, denominator: float | None = None) -> torch.Tensor:
+    """Token-mean cross-entropy over the batch's completion tokens; with ``denominator``, their
+    summed cross-entropy over it (a rank's share of a loss over a larger batch).
 
     Logits are computed only where there is a target: the LM head and softmax skip prompts
     and padding.
     """
+    device = next(model.parameters()).device
+    batch = Batch(*(t.to(device) for t in vars(batch).values()))
     base = getattr(model, "model", None)
     keep = batch.targets != IGNORE  # (R, T)
-    if base is not None and hasattr(model, "lm_head"):
+    # the split needs the HF layout (a DDP or peft wrapper hides it: one plain forward then)
+    if base is not None and hasattr(model, "lm_head") and hasattr(base, "layers"):
         hidden = base(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
@@ -247,7 +277,10 @@ def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
             position_ids=batch.position_ids,
             attention_mask=batch.attention_mask,
         ).logits[keep]
-    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
+    if denominator is None:
+        return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
+    ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
+    return ce / denominator
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -279,34 +312,43 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 # --- the stage -------------------------------------------------------------------------------
 def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
-    set_threads(cfg.threads)
+    accelerator = make_accelerator(cfg.device, cfg.bf16)
+    ranks = Ranks.current()
+    console = (console or Console()) if ranks.main else Console(quiet=True)
+    share_threads(cfg.threads)
     t_start = time.time()
-    run = _resolve_run_dir(cfg)
+    run = Path(ranks.broadcast(str(_resolve_run_dir(cfg))))  # rank 0's timestamp everywhere
     ckpt_root = run / "checkpoints"
     resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
-    if resume_from is None and run.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
-        if not cfg.resume:
-            raise FileExistsError(
-                f"{run} is not empty; pass --resume to continue it, or another --out"
-            )
-    run.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, run / "config.yaml")
+    claim_run_dir(run, cfg.resume, resume_from, ranks)
+    if ranks.main:
+        cfglib.save_yaml(cfg, run / "config.yaml")
 
-    base_path = ensure_base_model(cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console)
+    with ranks.main_first():  # rank 0 builds the embedded model on first use, the rest reuse it
+        base_path = ensure_base_model(
+            cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console
+        )
     tokenizer = load_tokenizer(base_path)
     examples = [
         encode_pair(tokenizer, p, c, cfg.max_len) for p, c in load_pairs(cfg.paths(), tokenizer)
     ]
-    model = load_model(resume_from or base_path)
+    model = lora.load_policy(
+        base_path, resume_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
+    ).to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(len(examples), cfg)
     console.print(
         f"[bold]Run:[/] {run}   model {base_path} ({n_params(model):,} parameters)   "
         f"{len(examples):,} examples, {steps} steps"
+        + (f", {ranks.world} processes" if ranks.world > 1 else "")
     )
 
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
     )
 
     def lr_lambda(step: int) -> float:
@@ -316,7 +358,6 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     step, train_s, tokens = 0, 0.0, 0
     if resume_from is not None:
@@ -324,13 +365,15 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         step, train_s, tokens = state["step"], state.get("train_s", 0.0), state.get("tokens", 0)
         console.print(f"[bold]Resuming[/] {run} from step {step}")
     metrics_path = run / "metrics.jsonl"
-    if metrics_path.exists():  # rows after the checkpoint will be logged again
+    if ranks.main and metrics_path.exists():  # rows after the checkpoint will be logged again
         keep = [
             ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step
         ]
         metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def save(at: int) -> None:
+        if not ranks.main:  # one copy: weights and optimizer state are the same on every rank
+            return
         checkpoint.save(
             ckpt_root,
             at,
@@ -352,34 +395,41 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             bar_id = bar.add_task("aha sft", total=steps, completed=step, info="")
             while step < steps:
                 t0 = time.time()
-                # 1. layout: padded or packed rows of this step's sequences
+                # 1. layout: padded or packed rows of this rank's share of the step's sequences
                 seqs = [
                     examples[i] for i in step_indices(len(examples), cfg.batch_size, cfg.seed, step)
                 ]
-                batch = collate(seqs, tokenizer.pad_token_id, cfg.pack, cfg.pack_len)
-                # 2. loss on completion tokens only
-                loss = sft_loss(model, batch)
+                mine = [seqs[i] for i in ranks.piece(len(seqs))]
+                # a rank without sequences runs one with weight 0: every rank syncs gradients
+                weight = float(ranks.world) if mine else 0.0
+                batch = collate(mine or seqs[:1], tokenizer.pad_token_id, cfg.pack, cfg.pack_len)
+                # 2. loss on completion tokens only, over the whole step's token count
+                loss = sft_loss(model, batch, denominator=max(1, n_targets(seqs)))
                 # 3. optimizer step
-                accelerator.backward(loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                accelerator.backward(loss * weight)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                n_tok = sum(len(s[0]) for s in seqs)
+                loss_sum, cells = ranks.sum(
+                    [loss.item() if mine else 0.0, batch.input_ids.numel() if mine else 0]
+                )
                 dt = time.time() - t0
                 train_s += dt
-                n_tok = sum(len(s[0]) for s in seqs)
                 tokens += n_tok
                 # 4. log
                 row = {
                     "step": step,
-                    "loss": loss.item(),
-                    "grad_norm": float(grad_norm),
+                    "loss": loss_sum,
+                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                     "lr": scheduler.get_last_lr()[0],
                     "tok_s": n_tok / max(dt, 1e-9),
-                    "pad_share": 1 - n_tok / batch.input_ids.numel(),
+                    "pad_share": 1 - n_tok / max(cells, 1.0),
                 }
-                _append(metrics_path, row)
+                if ranks.main:
+                    _append(metrics_path, row)
                 bar.update(bar_id, advance=1, info=f"loss {row['loss']:.3f}")
                 # 5. checkpoint
                 if cfg.save_every and step % cfg.save_every == 0 and step < steps:
@@ -393,26 +443,30 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGTERM, old_handler)
 
+    # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict
     policy = accelerator.unwrap_model(model).eval()
-    policy.save_pretrained(str(run / "final"))
-    tokenizer.save_pretrained(str(run / "final"))
-    summary: dict[str, Any] = {
-        "steps": steps,
-        "examples": len(examples),
-        "train_s": round(train_s, 2),
-        "train_tok_s": tokens / max(train_s, 1e-9),
-        "model": str(base_path),
-    }
-    summary.update(evaluate_final(policy, tokenizer, cfg))
-    summary["wall_s"] = round(time.time() - t_start, 1)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    h = summary.get("heldout")
-    if h:
-        console.print(
-            f"held-out pass@1 {h['pass1']:.3f}  greedy {h['greedy_acc']:.3f}  "
-            f"mean length {h['mean_len']:.1f}   train {train_s:.0f} s"
-        )
-    return summary
+    full_state = None if lora.is_lora(policy) else accelerator.get_state_dict(model)
+    summary: dict[str, Any] = {}
+    if ranks.main:  # the other ranks wait for the summary at the broadcast below
+        lora.save_merged(policy, tokenizer, run / "final", full_state)
+        final = load_model(run / "final").to(accelerator.device)  # evaluate what was saved
+        summary = {
+            "steps": steps,
+            "examples": len(examples),
+            "train_s": round(train_s, 2),
+            "train_tok_s": tokens / max(train_s, 1e-9),
+            "model": str(base_path),
+        }
+        summary.update(evaluate_final(final, tokenizer, cfg))
+        summary["wall_s"] = round(time.time() - t_start, 1)
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        h = summary.get("heldout")
+        if h:
+            console.print(
+                f"held-out pass@1 {h['pass1']:.3f}  greedy {h['greedy_acc']:.3f}  "
+                f"mean length {h['mean_len']:.1f}   train {train_s:.0f} s"
+            )
+    return ranks.broadcast(summary)
 
 
 def evaluate_final(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:

@@ -17,7 +17,16 @@ How this differs from GRPO as published (DeepSeekMath / DeepSeek-R1):
   without the anchor it decays to garbage within ~20 steps (measured; see the README);
 - old-policy log-probs come from one no-grad forward before the first update when a rollout
   batch makes several optimizer steps; with exactly one step they are the current log-probs,
-  detached (ratio 1, identical gradient). The sampler's own log-probs are only a diagnostic.
+  detached (ratio 1, identical gradient). The sampler's own log-probs are a diagnostic
+  (``sampler_mismatch``), and with ``--tis-cap C`` the truncated importance weight
+  min(exp(old - sampler), C) of each token's policy-gradient term (``rl/tis.py``).
+
+Several processes (`accelerate launch` / `torchrun`; see ``distributed.py``): the P prompts of a
+sampling round are cut into seed blocks dealt to the ranks, each block sampled under its own
+seed (so the completions do not depend on the process count), scored where it was sampled, and
+gathered; every rank then holds the whole step batch, computes the same advantages and loss
+normalisers, and trains on its contiguous share of each minibatch. Rank 0 logs, checkpoints and
+evaluates.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import json
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,9 +46,17 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
-from ahamoment import checkpoint
+from ahamoment import checkpoint, lora
 from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
+from ahamoment.distributed import (
+    Ranks,
+    claim_run_dir,
+    make_accelerator,
+    seed_blocks,
+    seeded_generator,
+    share_threads,
+)
 from ahamoment.evaluation import (
     Generated,
     encode_prompts,
@@ -47,10 +65,16 @@ from ahamoment.evaluation import (
     stop_ids,
     template_baseline,
 )
-from ahamoment.logging_backends import LOGGERS, make_logger
-from ahamoment.logprobs import completion_logprobs
-from ahamoment.metrics import has_reflection, is_self_correction, length_stats, step_accuracy
-from ahamoment.models import load_model, load_tokenizer, n_params, set_threads
+from ahamoment.logging_backends import LOGGERS, NullLogger, make_logger
+from ahamoment.logprobs import completion_logprobs, right_pad
+from ahamoment.metrics import (
+    has_reflection,
+    is_self_correction,
+    length_stats,
+    mixing_rate,
+    step_accuracy,
+)
+from ahamoment.models import load_model, load_tokenizer, n_params
 from ahamoment.progress import progress_bar
 from ahamoment.registry import Registry
 from ahamoment.rewards import REWARDS, RewardBatch, format_reward, score
@@ -68,6 +92,7 @@ from ahamoment.rl import (
     default_clip,
     masked_mean,
 )
+from ahamoment.rl.tis import scale_grad, tis_weights
 from ahamoment.rollout import ENGINES, Engine, SamplingParams, make_engine
 from ahamoment.splits import excluded, heldout, real_countdown
 from ahamoment.stages.pretrain import ensure_base_model
@@ -170,7 +195,23 @@ class ZeroConfig:
     seed: int = 0
     """Seed for prompts, sampling and the evaluation draws."""
     threads: int = 0
-    """torch CPU threads; 0 uses every core this process may run on."""
+    """torch CPU threads; 0 shares the cores this process may run on among the processes of this machine."""
+    seed_block: int = 0
+    """Prompts sampled together under one seed, drawn from (seed, step, round, block): every process count that divides P / seed_block samples the same completions. 0: P / processes (one block per process, the fastest); 1: one seed per prompt (any process count; the torch engine then decodes one group at a time, ~5x slower rollouts on the embedded model)."""
+    device: str = "cpu"
+    """Where to train: cpu, or auto (what accelerate picks: the process's GPU when there is one)."""
+    bf16: bool = False
+    """bf16 mixed precision through accelerate (autocast; weights and optimizer state stay fp32). For GPUs: 2.4x slower on CPU at the embedded size."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute); the trainer forward then runs prompt and completion together instead of sharing the prompt."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (rl/tis.py): each token's policy-gradient term is weighted by min(exp(old_logp - sampler_logp), C), correcting for a sampler (vLLM) whose log-probs differ from the trainer's; 0: off."""
+    lora_rank: int = 0
+    """LoRA rank r through peft (pip install 'ahamoment[lora]'); 0: full fine-tuning."""
+    lora_alpha: float = 32.0
+    """LoRA scaling alpha (the update is B·A·alpha/r)."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Comma-separated module names that get LoRA adapters."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -191,6 +232,16 @@ class ZeroConfig:
             )
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be at least 1")
+        if self.seed_block < 0 or (self.seed_block and self.prompts_per_step % self.seed_block):
+            raise ValueError(
+                f"seed_block ({self.seed_block}) must divide prompts_per_step "
+                f"({self.prompts_per_step}), or be 0"
+            )
+        if self.device not in ("cpu", "auto"):
+            raise ValueError(f"device must be cpu or auto, got {self.device!r}")
+        if self.tis_cap < 0:
+            raise ValueError("tis_cap must be >= 0 (0 switches truncated importance sampling off)")
+        lora.check(self.lora_rank, self.lora_alpha, self.lora_targets)
         ADVANTAGES.get(self.advantage)
         POLICY_LOSSES.get(self.loss)
         KL_ESTIMATORS.get(self.kl_estimator)
@@ -371,6 +422,7 @@ def policy_update(
     cfg: ZeroConfig,
     gen: torch.Generator,
     pad_id: int,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """M minibatches x μ epochs over one rollout batch: one optimizer step per minibatch.
 
@@ -383,15 +435,27 @@ def policy_update(
     only to its own longest completion (``old_logp``/``ref_logp`` are sliced to that width),
     and a minibatch's rows are taken in batch order, so a group's rows stay together and share
     one prompt forward.
+
+    With several processes every rank holds the whole batch and takes its contiguous share of
+    each minibatch (``ranks.piece``). The ``Norm`` is still the whole minibatch's, and each
+    rank's loss is multiplied by W because DDP averages gradients over ranks, so the synced
+    gradient is the one-process gradient. Ranks with fewer micro-batches add zero-weight passes,
+    so all make the same number of forward/backward calls; only the last call of a minibatch
+    syncs gradients. The returned statistics are summed over ranks before they are averaged.
     """
+    ranks = ranks or Ranks()
     loss_fn = POLICY_LOSSES.get(cfg.loss)
     kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
     per_seq_clip = getattr(loss_fn, "sequence_level", False)
+    device = next(model.parameters()).device
+    adv, in_loss = adv.to(device), in_loss.to(device)
+    old_logp = old_logp.to(device) if old_logp is not None else None
+    ref_logp = ref_logp.to(device) if ref_logp is not None else None
     B = len(batch)
     stats: dict[str, list[float]] = {
-        k: [] for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")
+        k: [] for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm", "tis_weight")
     }
-    mismatch, n_tokens = None, 0
+    mismatch, n_tokens = None, 0.0
     mb = B // cfg.minibatches
     micro = cfg.micro_batch or (cfg.group_size if mb % cfg.group_size == 0 else mb)
     mis_sum, mis_n = 0.0, 0.0
@@ -404,47 +468,68 @@ def policy_update(
                 seqs=float(len(rows)),
                 tokens=max(1.0, float(sum(batch.gen.lengths[r] for r in rows if in_loss[r]))),
             )
-            loss_sum, parts = 0.0, []
-            for c in range(0, len(rows), micro):
-                chunk = rows[c : c + micro]
-                idx = torch.tensor(chunk)
-                logp, mask, ent = batch.logprobs(
-                    model, chunk, cfg.temperature, pad_id, entropy=True
-                )  # (b, Lc) each, Lc = this chunk's longest completion
-                Lc = logp.shape[1]
-                mask = mask * in_loss[idx].unsqueeze(1).to(mask.dtype)  # (b, Lc)
-                old = old_logp[idx, :Lc] if old_logp is not None else logp.detach()
-                kl = kl_fn(logp, ref_logp[idx, :Lc]) if ref_logp is not None else None
-                loss, st = loss_fn(logp, old, adv[idx], mask, loss_cfg, kl, norm)
-                accelerator.backward(loss)
-                loss_sum += loss.item()
+            mine = [rows[i] for i in ranks.piece(len(rows))]
+            chunks: list[list[int] | None] = [
+                mine[c : c + micro] for c in range(0, len(mine), micro)
+            ]
+            n_calls = max(-(-len(ranks.piece(len(rows), r)) // micro) for r in range(ranks.world))
+            chunks += [None] * (n_calls - len(chunks))  # zero-weight passes, see the docstring
+            # [loss, clip units x frac, units, kl x tokens, entropy x tokens, tokens, tis x tokens]
+            sums = [0.0] * 7
+            for c, chunk in enumerate(chunks):
+                weight = float(ranks.world) if chunk is not None else 0.0
+                chunk = chunk if chunk is not None else rows[:1]
+                idx = torch.tensor(chunk, device=device)
+                sync = accelerator.no_sync(model) if c < len(chunks) - 1 else nullcontext()
+                with sync:
+                    logp, mask, ent = batch.logprobs(
+                        model, chunk, cfg.temperature, pad_id, entropy=True
+                    )  # (b, Lc) each, Lc = this chunk's longest completion
+                    Lc = logp.shape[1]
+                    mask = mask * in_loss[idx].unsqueeze(1).to(mask.dtype)  # (b, Lc)
+                    old = old_logp[idx, :Lc] if old_logp is not None else logp.detach()
+                    kl = kl_fn(logp, ref_logp[idx, :Lc]) if ref_logp is not None else None
+                    samp = batch.sampler_logprobs(chunk, logp)  # (b, Lc)
+                    pg_logp, tis = logp, torch.ones_like(logp)
+                    if cfg.tis_cap > 0:  # same values, policy-gradient term weighted per token
+                        tis = tis_weights(old, samp, mask, cfg.tis_cap)  # (b, Lc)
+                        pg_logp = scale_grad(logp, tis)
+                    loss, st = loss_fn(pg_logp, old, adv[idx], mask, loss_cfg, kl, norm)
+                    accelerator.backward(loss * weight)
+                if weight == 0.0:
+                    continue
                 # clip_frac is over sequences for a sequence-level loss (gspo), else tokens
-                units = mask.any(dim=1).sum() if per_seq_clip else mask.sum()
-                parts.append((st, masked_mean(ent, mask).item(), float(mask.sum()), float(units)))
+                units = float(mask.any(dim=1).sum() if per_seq_clip else mask.sum())
+                tok = float(mask.sum())
+                sums[0] += loss.item()
+                sums[1] += st["clip_frac"] * units
+                sums[2] += units
+                sums[3] += st["kl"] * tok
+                sums[4] += masked_mean(ent, mask).item() * tok
+                sums[5] += tok
+                sums[6] += masked_mean(tis, mask).item() * tok
                 if mismatch is None:  # sampler vs trainer log-probs, on-policy tokens only
-                    samp = batch.sampler_logprobs(chunk, logp)
                     diff = (logp.detach() - samp).abs()
                     mis_sum += float(torch.where(mask.bool(), diff, 0.0).sum())
                     mis_n += float(mask.sum())
             if mismatch is None:  # over the first minibatch, before any update
+                mis_sum, mis_n = ranks.sum([mis_sum, mis_n])
                 mismatch = mis_sum / max(mis_n, 1.0)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tok = sum(w for _, _, w, _ in parts)
-            units = sum(u for *_, u in parts)
-            n_tokens += int(tok)
+            loss_sum, clip, units, kl_w, ent_w, tok, tis_w = ranks.sum(sums)
+            n_tokens += tok
             stats["loss"].append(loss_sum)
-            # weighted over the micro-batches by what each mean is over
-            stats["clip_frac"].append(
-                sum(st["clip_frac"] * u for st, _, _, u in parts) / max(units, 1.0)
-            )
-            stats["kl"].append(sum(st["kl"] * w for st, _, w, _ in parts) / max(tok, 1.0))
-            stats["entropy"].append(sum(e * w for _, e, w, _ in parts) / max(tok, 1.0))
-            stats["grad_norm"].append(float(grad_norm))
+            # weighted over the micro-batches (and ranks) by what each mean is over
+            stats["clip_frac"].append(clip / max(units, 1.0))
+            stats["kl"].append(kl_w / max(tok, 1.0))
+            stats["entropy"].append(ent_w / max(tok, 1.0))
+            stats["tis_weight"].append(tis_w / max(tok, 1.0))
+            stats["grad_norm"].append(float("nan") if grad_norm is None else float(grad_norm))
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["sampler_mismatch"] = mismatch if mismatch is not None else 0.0
-    out["train_tokens"] = n_tokens
+    out["train_tokens"] = int(n_tokens)
     return out
 
 
@@ -458,33 +543,48 @@ def sample_groups(
     exclude,
     params: SamplingParams,
     weights: dict[str, float],
+    ranks: Ranks | None = None,
 ) -> tuple[Rollout, Rollout, dict[str, int]]:
     """Rollout and reward for P fresh prompts x G samples, refilled while the group filter
     drops groups (DAPO dynamic sampling), for at most ``cfg.max_sampling_rounds`` rounds.
 
+    Every rank draws the same P problems from ``rng``; they are cut into seed blocks
+    (``cfg.seed_block`` prompts each), block b of round k is sampled under a generator seeded
+    by (one draw from ``gen``, k, b) on the rank it is dealt to, scored there, and the scored
+    blocks are gathered in block order, so every rank returns the same batch, equal to what
+    one process would sample.
+
     Returns the batch to train on (at most P groups; fewer when the cap is hit), everything
     sampled this step (for unbiased rollout metrics), and the round and drop counts.
     """
+    ranks = ranks or Ranks()
     keep_fn = GROUP_FILTERS.get(cfg.group_filter)
-    G = cfg.group_size
+    G, P = cfg.group_size, cfg.prompts_per_step
+    blocks = seed_blocks(P, cfg.seed_block or default_seed_block(P, ranks.world))
+    base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # same on every rank
     rounds, dropped, kept, everything = 0, 0, [], []
-    while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+    while len(kept) < P and rounds < cfg.max_sampling_rounds:
         rounds += 1
-        problems = [sample_excluding(task, rng, exclude) for _ in range(cfg.prompts_per_step)]
+        problems = [sample_excluding(task, rng, exclude) for _ in range(P)]
         prompt_ids = encode_prompts(tokenizer, problems)
-        part = Rollout(
-            [p for p in problems for _ in range(G)],
-            [ids for ids in prompt_ids for _ in range(G)],
-            generate(
-                None,
-                tokenizer,
-                [ids for ids in prompt_ids for _ in range(G)],
-                params,
-                gen,
-                engine=engine,
-            ),
-        )
-        part.rb = score(part.problems, part.gen.texts, weights)
+        mine = []
+        for b in ranks.piece(len(blocks)):
+            rows = [i for i in blocks[b] for _ in range(G)]  # prompt index of each row
+            block = Rollout(
+                [problems[i] for i in rows],
+                [prompt_ids[i] for i in rows],
+                generate(
+                    None,
+                    tokenizer,
+                    [prompt_ids[i] for i in rows],
+                    params,
+                    seeded_generator(base_seed, rounds, b),
+                    engine=engine,
+                ),
+            )
+            block.rb = score(block.problems, block.gen.texts, weights)
+            mine.append(block)
+        part = Rollout.concat([blk for theirs in ranks.gather(mine) for blk in theirs])
         everything.append(part)
         keep = keep_fn(torch.tensor(part.rb.total), G)  # (P,)
         dropped += int((~keep).sum())
@@ -497,6 +597,13 @@ def sample_groups(
         train,
         Rollout.concat(everything),
         {"sampling_rounds": rounds, "groups_dropped": dropped, "groups_trained": len(kept)},
+    )
+
+
+def default_seed_block(prompts: int, world: int) -> int:
+    """The largest divisor of ``prompts`` that gives every one of ``world`` ranks a block."""
+    return max(
+        d for d in range(1, prompts + 1) if prompts % d == 0 and d * min(world, prompts) <= prompts
     )
 
 
@@ -525,34 +632,64 @@ def rollout_metrics(batch: Rollout, group_size: int) -> dict[str, Any]:
         "reflection_rate": sum(map(has_reflection, g.texts)) / B,
         "self_correction_rate": sum(map(is_self_correction, g.texts)) / B,
         "step_accuracy": step_accuracy(g.texts),
+        "mixing_rate": mixing_rate(g.texts),
     }
 
 
 # --- the stage ----------------------------------------------------------------------------
+def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):
+    """No-grad log-probs (B, Lc) of every row, each rank computing its contiguous share.
+
+    ``net`` is the bare module (no DDP wrapper): no collective runs inside, so ranks with
+    different shares never wait on each other."""
+    width = max(1, max(len(c) for c in batch.gen.ids))  # Lc: the batch's longest completion
+    mine = list(ranks.piece(len(batch)))
+    device = next(net.parameters()).device
+    part = torch.zeros((0, width), device=device)
+    if mine:
+        part, _, _ = completion_logprobs(
+            net,
+            [batch.prompts[r] for r in mine],
+            [batch.gen.ids[r] for r in mine],
+            temperature,
+            pad_id,
+            width=width,
+        )  # (b, Lc)
+    parts = ranks.gather(part.detach().float().cpu())
+    return torch.cat(parts).to(device)  # (B, Lc)
+
+
 def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
-    set_threads(cfg.threads)
+    accelerator = make_accelerator(cfg.device, cfg.bf16)
+    ranks = Ranks.current()
+    console = (console or Console()) if ranks.main else Console(quiet=True)
+    share_threads(cfg.threads)
     t_start = time.time()
-    run = _resolve_run_dir(cfg)
+    run = Path(ranks.broadcast(str(_resolve_run_dir(cfg))))  # rank 0's timestamp everywhere
     ckpt_root = run / "checkpoints"
     resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
     if cfg.resume and resume_from is None:
         console.print(f"[yellow]--resume: no checkpoint in {ckpt_root}; starting from step 0.")
-    if resume_from is None and run.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
-        if not cfg.resume:
-            raise FileExistsError(
-                f"{run} is not empty; pass --resume to continue it, or another --out"
-            )
-    run.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, run / "config.yaml")
-    logger = make_logger(cfg.log, run, cfglib.to_dict(cfg))
+    claim_run_dir(run, cfg.resume, resume_from, ranks)
+    logger = NullLogger()
+    if ranks.main:
+        cfglib.save_yaml(cfg, run / "config.yaml")
+        logger = make_logger(cfg.log, run, cfglib.to_dict(cfg))
 
-    base_path = ensure_base_model(cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console)
+    with ranks.main_first():  # rank 0 builds the embedded model on first use, the rest reuse it
+        base_path = ensure_base_model(
+            cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console
+        )
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(base_path)
     pad_id = tokenizer.pad_token_id
-    model = load_model(resume_from or base_path)
-    engine = make_engine(cfg.engine, model, tokenizer)  # rollouts and evaluations
+    model = lora.load_policy(
+        base_path, resume_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
+    ).to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # rollouts and evaluations; with LoRA, the adapted HF model inside the peft wrapper
+    engine = make_engine(cfg.engine, lora.sampling_model(model), tokenizer)
     weights = cfg.reward_weights()
     adv_fn = ADVANTAGES.get(cfg.advantage)
     kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
@@ -584,9 +721,13 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         by_n = {n: [p for p in rows if len(p.fields["nums"]) == n] for n in (3, 4)}
         return {f"{n}_numbers": run_eval(ps, 7) for n, ps in by_n.items()}
 
-    # Before training: the bar to clear, and the base model's own figures (computed once).
+    # Before training: the bar to clear, and the base model's own figures (computed once, on
+    # rank 0; the other ranks wait at their first collective).
     base_file = run / "base_eval.json"
-    if base_file.exists():
+    base: dict[str, Any] = {}
+    if not ranks.main:
+        pass
+    elif base_file.exists():
         base = json.loads(base_file.read_text())
     else:
         console.print(
@@ -602,14 +743,15 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             **_pretrain_facts(base_path),
         }
         base_file.write_text(json.dumps(base, indent=1))
-    tb = base["template_baseline"]
-    console.print(
-        f"constant-template baseline ({tb['best']}): {tb['best_acc']:.3f}   "
-        f"base pass@1: {base['heldout']['pass1']:.3f}"
-    )
+    if ranks.main:
+        tb = base["template_baseline"]
+        console.print(
+            f"constant-template baseline ({tb['best']}): {tb['best_acc']:.3f}   "
+            f"base pass@1: {base['heldout']['pass1']:.3f}"
+        )
 
-    accelerator = Accelerator(cpu=True)
-    optimizer = OPTIMIZERS.get(cfg.optimizer)(model.parameters(), cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = OPTIMIZERS.get(cfg.optimizer)(trainable, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
     )
@@ -621,17 +763,21 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             if resume_from and (resume_from / "reference").exists()
             else base_path
         )
-        ref_model = load_model(ref_dir).eval().requires_grad_(False)
+        ref_model = load_model(ref_dir).eval().requires_grad_(False).to(accelerator.device)
+    policy = accelerator.unwrap_model(model)  # the bare module: sampling and no-grad forwards
 
     step = 0
     if resume_from is not None:
         step = checkpoint.load_trainer_state(resume_from, optimizer, scheduler)["step"]
         console.print(f"[bold]Resuming[/] {run} from step {step}")
     metrics_path, samples_path = run / "metrics.jsonl", run / "samples.jsonl"
-    _truncate_jsonl(metrics_path, step)
-    _truncate_jsonl(samples_path, step)
+    if ranks.main:
+        _truncate_jsonl(metrics_path, step)
+        _truncate_jsonl(samples_path, step)
 
     def save(at_step: int) -> None:
+        if not ranks.main:  # one copy: weights and optimizer state are the same on every rank
+            return
         path = checkpoint.save(
             ckpt_root,
             at_step,
@@ -660,7 +806,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 # 1. rollout: G completions for each of P fresh training prompts (refilled
                 #    while the group filter drops groups); 2. reward: every component kept
                 batch, sampled, sampling = sample_groups(
-                    engine, tokenizer, task, cfg, rng, gen, exclude, rollout_params, weights
+                    engine, tokenizer, task, cfg, rng, gen, exclude, rollout_params, weights, ranks
                 )
                 t_rollout = time.time() - t0
                 rewards = torch.tensor(batch.rb.total)  # (B,)
@@ -671,16 +817,16 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 # 3. reference: old-policy and reference log-probs, only where needed; the KL
                 #    placement may move the penalty into the reward
                 t1 = time.time()
-                everyone = list(range(len(batch)))
                 old_logp = ref_logp = kl_tok = None
+                comp_mask = right_pad(batch.gen.ids, pad_id)[1]  # (B, Lc)
                 with torch.no_grad():
                     if cfg.updates_per_batch() > 1 or (ref_model is not None and needs_old):
-                        old_logp, comp_mask, _ = batch.logprobs(
-                            model, everyone, cfg.temperature, pad_id
+                        old_logp = sharded_logprobs(
+                            policy, batch, cfg.temperature, pad_id, ranks
                         )  # (B, Lc)
                     if ref_model is not None:
-                        ref_logp, comp_mask, _ = batch.logprobs(
-                            ref_model, everyone, cfg.temperature, pad_id
+                        ref_logp = sharded_logprobs(
+                            ref_model, batch, cfg.temperature, pad_id, ranks
                         )  # (B, Lc)
                         if needs_old:
                             kl_tok = kl_fn(old_logp, ref_logp)  # (B, Lc)
@@ -706,11 +852,12 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                     cfg,
                     gen,
                     pad_id,
+                    ranks,
                 )
                 scheduler.step()
-                engine.sync_weights(accelerator.unwrap_model(model))  # no-op in-process
+                engine.sync_weights(lora.sampling_model(policy))  # no-op in-process
                 if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
-                    ref_model.load_state_dict(accelerator.unwrap_model(model).state_dict())
+                    ref_model.load_state_dict(lora.merged_state_dict(policy))
                 t_train = time.time() - t1
                 step += 1
 
@@ -724,23 +871,24 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                     train_tok_s=upd["train_tokens"] * 1.0 / max(t_train, 1e-9),
                     step_s=time.time() - t0,
                 )
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    ev = run_eval(held[: cfg.eval_n], 1000 + step)
-                    row.update({f"eval/{k}": v for k, v in ev.items()})
-                _write_jsonl(metrics_path, row)
-                logger.log(step, row)
-                for i in range(min(cfg.samples_per_step, len(batch) // cfg.group_size)):
-                    j = i * cfg.group_size
-                    _write_jsonl(
-                        samples_path,
-                        {
-                            "step": step,
-                            "problem": batch.problems[j].question,
-                            "completion": batch.gen.texts[j],
-                            "reward": batch.rb.total[j],
-                            "correct": batch.rb.correct[j],
-                        },
-                    )
+                if ranks.main:  # rank 0 evaluates, logs and writes samples
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                        ev = run_eval(held[: cfg.eval_n], 1000 + step)
+                        row.update({f"eval/{k}": v for k, v in ev.items()})
+                    _write_jsonl(metrics_path, row)
+                    logger.log(step, row)
+                    for i in range(min(cfg.samples_per_step, len(batch) // cfg.group_size)):
+                        j = i * cfg.group_size
+                        _write_jsonl(
+                            samples_path,
+                            {
+                                "step": step,
+                                "problem": batch.problems[j].question,
+                                "completion": batch.gen.texts[j],
+                                "reward": batch.rb.total[j],
+                                "correct": batch.rb.correct[j],
+                            },
+                        )
                 bar.update(
                     bar_id,
                     advance=1,
@@ -762,10 +910,23 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     if interrupted:
         raise SystemExit(130)
 
-    policy = accelerator.unwrap_model(model)
-    policy.save_pretrained(str(run / "final"))
-    tokenizer.save_pretrained(str(run / "final"))
+    summary: dict[str, Any] = {}
+    if ranks.main:  # the other ranks wait for the summary at the broadcast below
+        summary = _finish(
+            cfg, run, base_path, policy, tokenizer, base, held, run_eval, real_eval, t_start
+        )
+        print_summary(summary, console)
+    return ranks.broadcast(summary)
+
+
+def _finish(
+    cfg, run, base_path, policy, tokenizer, base, held, run_eval, real_eval, t_start
+) -> dict[str, Any]:
+    """Rank 0: the final model (LoRA merged into plain HF weights), its evaluation, summary.json."""
+    lora.save_merged(policy, tokenizer, run / "final")
     trained = run_eval(held, 0)
+    tb = base["template_baseline"]
+    with_real = base.get("real") is not None
     summary = {
         "base": base["heldout"],
         "trained": trained,
@@ -779,7 +940,6 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         "model": str(base_path),
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    print_summary(summary, console)
     return summary
 
 

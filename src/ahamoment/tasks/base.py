@@ -49,6 +49,8 @@ class TraceNoise:
     """Drop the <think>/<answer> tags of a trace (a format failure for RL to fix)."""
     p_guess: float = 1.0
     """On giving up, answer a random candidate (a guess); otherwise answer the last try."""
+    p_foreign: float = 0.0
+    """Write each reasoning line in the second language (language.py) with this probability."""
 
 
 # A constant template: a name plus a function from a problem to an answer string.

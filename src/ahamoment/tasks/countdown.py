@@ -29,6 +29,7 @@ from functools import lru_cache
 from math import comb
 
 from ahamoment.data import DataError, read_jsonl
+from ahamoment.language import to_foreign
 from ahamoment.tasks import TASKS
 from ahamoment.tasks.base import Problem, Task, Template, TraceNoise, Verdict
 from ahamoment.tasks.expr import MAX_LITERAL, ExprError, evaluate
@@ -231,7 +232,10 @@ class Countdown(Task):
             if rng.random() < noise.p_give_up:
                 answer = rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
                 break
-        return _render(lines, answer, drop_tags=rng.random() < noise.p_drop_tags)
+        drop_tags = rng.random() < noise.p_drop_tags
+        if noise.p_foreign > 0:  # drawn only then, so a monolingual corpus is unchanged
+            lines = [to_foreign(ln) if rng.random() < noise.p_foreign else ln for ln in lines]
+        return _render(lines, answer, drop_tags)
 
 
 def _render(lines: list[str], answer: str, drop_tags: bool) -> str:

@@ -1,0 +1,123 @@
+"""`aha r1`: stage bookkeeping, the cold-start template, and a kill -9 in stage 3 end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from ahamoment.metrics import is_mixed
+from ahamoment.rewards import format_reward, judge
+from ahamoment.stages.r1 import R1Config, cold_start_data, run_stage
+from ahamoment.tasks import get_task
+from test_zero_e2e import ROOT, TINY, _env, aha
+
+
+def test_rerun_skips_finished_stages_and_retries_the_killed_one(tmp_path):
+    calls: list[str] = []
+
+    def stage(name: str, fail: bool = False):
+        def fn(d: Path) -> dict:
+            calls.append(name)
+            if fail:
+                raise KeyboardInterrupt
+            return {"model": str(d / "final")}
+
+        return fn
+
+    console = Console(file=io.StringIO())
+    run_stage(tmp_path, "1-a", stage("1"), console)
+    run_stage(tmp_path, "2-b", stage("2"), console)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "3-c", stage("3", fail=True), console)
+    assert not (tmp_path / "3-c" / "done.json").exists()
+    assert calls == ["1", "2", "3"]
+
+    calls.clear()
+    recs = [run_stage(tmp_path, n, stage(n[0]), console) for n in ("1-a", "2-b", "3-c")]
+    assert calls == ["3"]
+    assert recs[0]["model"] == str(tmp_path / "1-a" / "final") and "stage_s" in recs[2]
+
+
+def test_cold_start_traces_are_readable_correct_and_fit(tmp_path, tiny_tokenizer):
+    cfg = R1Config(cold_start_n=60, max_new_tokens=96, out=str(tmp_path))
+    path = tmp_path / "cold.jsonl"
+    facts = cold_start_data(cfg, tiny_tokenizer, path)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == facts["traces"] == 60 and facts["drawn"] >= 60
+    task = get_task("countdown")
+    for r in rows:
+        c = r["completion"]
+        assert not is_mixed(c) and "wait,check:" in c and ",yes" in c
+        assert len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) <= 72
+        q = r["prompt"].split("User: ")[1].split(" Assistant:")[0]
+        nums = json.loads(q.split("numbers ")[1].split("]")[0] + "]")
+        target = int(q.split("equals ")[1].split(".")[0])
+        problem = task.make(nums, target)
+        assert format_reward(problem, c) == 1.0 and judge(problem, c)[1].correct
+
+
+def test_config_checks(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        R1Config(rl_recipe=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError):
+        R1Config(rl_steps=0)
+
+
+R1_TINY = [
+    "--zero-steps", "2", "--rl-steps", "2", "--final-rl-steps", "2",
+    "--cold-start-n", "16", "--cold-start-epochs", "1", "--sft-batch-size", "8",
+    "--rs-prompts", "12", "--rs-samples", "2", "--rs-epochs", "1",
+    "--heldout-n", "6", "--eval-k", "2", "--rl-check-n", "3", "--max-new-tokens", "64",
+    "--threads", "1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_r1_killed_in_stage_3_resumes_without_redoing_stages_1_and_2(tmp_path):
+    env = _env(tmp_path)
+    base = tmp_path / "base"
+    aha("pretrain", "--recipe", TINY, "--p-foreign", "0.3", "--out", str(base), "--threads", "1")
+    rl_recipe = tmp_path / "rl.yaml"
+    rl_recipe.write_text("prompts_per_step: 2\ngroup_size: 4\nsave_every: 1\n")
+    run = tmp_path / "run"
+    args = ["r1", "--model", str(base), "--rl-recipe", str(rl_recipe), *R1_TINY, "--out", str(run)]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ahamoment.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (run / "3-rejection-sft").exists() and proc.poll() is None:
+        assert time.time() < deadline, "stage 3 never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {s: run / s / "done.json" for s in ("zero", "1-cold-start", "2-reasoning-rl")}
+    assert all(p.exists() for p in done.values())
+    assert not (run / "3-rejection-sft" / "done.json").exists()
+    stamps = {s: p.stat().st_mtime_ns for s, p in done.items()}
+
+    res = aha(*args, env=env)
+    for s in done:
+        assert f"{s}: done, skipped" in res.stdout
+        assert done[s].stat().st_mtime_ns == stamps[s]
+    assert "3-rejection-sft: done" not in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    for side in ("zero", "r1"):
+        for key in ("pass1", "mixing_rate", "format_rate", "mean_len"):
+            assert 0 <= summary[side][key] <= (64 if key == "mean_len" else 1)
+    assert summary["heldout_n"] == 6
+    assert "language-mixing rate" in res.stdout and "R1-Zero" in res.stdout
+    s3 = json.loads((run / "3-rejection-sft" / "done.json").read_text())
+    assert Path(s3["model"]).is_dir() and (run / "4-final-rl" / "train" / "final").is_dir()
