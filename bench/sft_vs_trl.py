@@ -5,8 +5,9 @@ default is about 3.3M parameters with the embedded BPE tokenizer) on the same pr
 pairs: Countdown noisy traces (the pretraining corpus generator) under the R1-Zero prompt, loss
 on the completion tokens only, batch ``--batch-size`` sequences, AdamW lr 1e-3, fp32, one epoch.
 TRL runs with its defaults for prompt-completion data (completion-only loss, padding to the
-longest sequence in the batch, no packing); ours runs with its defaults (``--pack``: first-fit
-packing with a block-diagonal mask; logits only at completion positions).
+longest sequence in the batch, no packing); ours runs with its defaults (``--share-prefix``: the
+token prefix every sequence of a step shares runs once, as a KV cache all rows attend to;
+``--pack``: first-fit packing with a block-diagonal mask; logits only at completion positions).
 
 Throughput is non-pad tokens (prompt + completion + EOS of every sequence trained on) per second
 of training steps: TRL's from ``on_step_begin`` to ``on_step_end`` (its batch collation is not

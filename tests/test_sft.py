@@ -156,3 +156,46 @@ def test_aha_sft_cli_trains_evaluates_and_writes_a_summary(tmp_path, tiny_dir):
     assert summary["heldout"]["settings"]["k"] == 2
     assert (out / "final" / "config.json").exists()
     assert "held-out pass@1" in done.stdout
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, pack):
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(3, 200, (12,), generator=g).tolist()  # the prefix all rows share
+    seqs = []
+    for n_prompt, n_comp in [(3, 4), (6, 9), (1, 2), (8, 5)]:
+        ids = head + torch.randint(3, 200, (n_prompt + n_comp,), generator=g).tolist()
+        seqs.append((ids, [IGNORE] * (12 + n_prompt) + ids[12 + n_prompt :]))
+    plain = collate(seqs, pad_id=0, pack=pack, pack_len=24)
+    shared = collate(seqs, pad_id=0, pack=pack, pack_len=24, share_prefix=True)
+    # the last shared token must not predict a target: sequence 3's prompt is one token long
+    assert len(shared.prefix_ids) == 12 and len(plain.prefix_ids) == 0
+    assert shared.input_ids.shape[1] < plain.input_ids.shape[1]
+    assert shared.n_targets() == plain.n_targets()
+    grads = []
+    for batch in (plain, shared):
+        tiny_model.zero_grad()
+        loss = sft_loss(tiny_model, batch, denominator=10.0)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in tiny_model.parameters()]))
+    tiny_model.zero_grad()
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "seqs, expected",
+    [
+        # common prefix of 9 tokens, all prompt: shared
+        ([(list(range(12)), [IGNORE] * 10 + [10, 11]), (list(range(9)) + [50, 51, 52], [IGNORE] * 10 + [51, 52])], 9),
+        # the prefix would include a target position: cut back to the last token before it
+        ([(list(range(12)), [IGNORE] * 9 + [9, 10, 11]), (list(range(12)), [IGNORE] * 9 + [9, 10, 11])], 8),
+        # too short to be worth a forward of its own
+        ([(list(range(12)), [IGNORE] * 10 + [10, 11]), ([0, 1, 2, 99], [IGNORE] * 3 + [99])], 0),
+    ],
+)  # fmt: skip
+def test_shared_prefix_length(seqs, expected):
+    from ahamoment.stages.sft import shared_prefix_len
+
+    assert shared_prefix_len(seqs) == expected

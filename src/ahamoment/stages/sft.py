@@ -77,6 +77,9 @@ class SFTConfig:
     pack_len: int = 256
     """Row length when packing (a longer sequence gets a row of its own). Attention costs T² per
     row, so rows a few sequences long beat long rows."""
+    share_prefix: bool = True
+    """Run the token prefix all of a step's sequences share (e.g. the R1-Zero template) once and
+    attend to its KV cache from every row: the same loss and gradients, less compute."""
     save_every: int = 200
     """Checkpoint every N steps (and on Ctrl-C)."""
     keep_checkpoints: int = 2
@@ -194,7 +197,8 @@ class Batch:
     input_ids: torch.Tensor  # (R, T)
     targets: torch.Tensor  # (R, T), IGNORE where no loss
     position_ids: torch.Tensor  # (R, T)
-    attention_mask: torch.Tensor  # (R, 1, T, T) bool, block-diagonal causal
+    attention_mask: torch.Tensor  # (R, 1, T, P + T) bool: the prefix, then block-diagonal causal
+    prefix_ids: torch.Tensor  # (P,): the prefix every sequence starts with, run once; P may be 0
 
     def n_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
@@ -219,11 +223,43 @@ def _rows(seqs: list[tuple[list[int], list[int]]], pack: bool, pack_len: int) ->
     return rows
 
 
+MIN_SHARED_PREFIX = 8
+"""Shorter common prefixes are not worth a separate forward."""
+
+
+def shared_prefix_len(seqs: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens every sequence starts with, none of them (nor the token after) a target, and at
+    least one token left in each sequence; 0 when under MIN_SHARED_PREFIX."""
+    first = seqs[0][0]
+    n = min(len(ids) for ids, _ in seqs) - 1
+    for ids, labels in seqs:
+        # position j predicts labels[j + 1]: a prefix of P positions needs labels[1..P] ignored
+        free = next((j for j, t in enumerate(labels) if t != IGNORE), len(labels)) - 1
+        n = min(n, free)
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def collate(
-    seqs: list[tuple[list[int], list[int]]], pad_id: int, pack: bool, pack_len: int
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    pack: bool,
+    pack_len: int,
+    share_prefix: bool = False,
 ) -> Batch:
-    layout = _rows(seqs, pack, pack_len)
-    T = max(sum(len(seqs[i][0]) for i in row) for row in layout)
+    """Rows of the sequences (padded, or packed first-fit), targets shifted.
+
+    With ``share_prefix``, the prefix all sequences share (e.g. the R1-Zero template) is cut
+    off and returned once (``prefix_ids``); every row attends to it through a shared KV cache
+    (see `sft_loss`), and positions continue after it.
+    """
+    P = shared_prefix_len(seqs) if share_prefix else 0
+    rests = [(ids[P:], labels[P:]) for ids, labels in seqs]
+    layout = _rows(rests, pack, pack_len)
+    T = max(sum(len(rests[i][0]) for i in row) for row in layout)
     R = len(layout)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     targets = torch.full((R, T), IGNORE, dtype=torch.long)
@@ -232,19 +268,21 @@ def collate(
     for r, row in enumerate(layout):
         at = 0
         for i in row:
-            s_ids, s_lab = seqs[i]
+            s_ids, s_lab = rests[i]
             n = len(s_ids)
             ids[r, at : at + n] = torch.tensor(s_ids)
             # next-token targets within the sequence only: the last position predicts nothing
             targets[r, at : at + n - 1] = torch.tensor(s_lab[1:])
-            pos[r, at : at + n] = torch.arange(n)
+            pos[r, at : at + n] = P + torch.arange(n)
             seg[r, at : at + n] = i
             at += n
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (R, T, T)
     mask = same & causal
     mask |= torch.eye(T, dtype=torch.bool)  # pad rows attend to themselves: no NaN
-    return Batch(ids, targets, pos, mask[:, None])
+    mask = torch.cat([torch.ones((R, T, P), dtype=torch.bool), mask], dim=2)  # (R, T, P + T)
+    prefix = torch.tensor(seqs[0][0][:P], dtype=torch.long)
+    return Batch(ids, targets, pos, mask[:, None], prefix)
 
 
 def n_targets(seqs: list[tuple[list[int], list[int]]]) -> int:
@@ -257,26 +295,41 @@ def sft_loss(model: Any, batch: Batch, denominator: float | None = None) -> torc
     summed cross-entropy over it (a rank's share of a loss over a larger batch).
 
     Logits are computed only where there is a target: the LM head and softmax skip prompts
-    and padding.
+    and padding. A shared prefix runs once (one row), and its KV cache is gathered to every row
+    with a differentiable index, so its gradient is the sum over rows: the same loss and
+    gradients as running it in every row (a test checks both).
     """
     device = next(model.parameters()).device
     batch = Batch(*(t.to(device) for t in vars(batch).values()))
     base = getattr(model, "model", None)
     keep = batch.targets != IGNORE  # (R, T)
     # the split needs the HF layout (a DDP or peft wrapper hides it: one plain forward then)
-    if base is not None and hasattr(model, "lm_head") and hasattr(base, "layers"):
-        hidden = base(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-        ).last_hidden_state  # (R, T, H)
-        logits = model.lm_head(hidden[keep])  # (N, V)
+    split = base is not None and hasattr(model, "lm_head") and hasattr(base, "layers")
+    net = base if split else model
+    kwargs: dict[str, Any] = {}
+    P = len(batch.prefix_ids)
+    if P:
+        out = net(
+            input_ids=batch.prefix_ids[None],
+            position_ids=torch.arange(P, device=device)[None],
+            use_cache=True,
+        )
+        # transformers >= 5.2x names the KV cache ``cache``, earlier 5.x ``past_key_values``
+        key = "cache" if hasattr(out, "cache") else "past_key_values"
+        cache = getattr(out, key)
+        rows = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=device)
+        cache.batch_select_indices(rows)  # (1, ...) -> (R, ...), differentiable gather
+        kwargs = {key: cache, "use_cache": True}
+    out = net(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        **kwargs,
+    )
+    if split:
+        logits = model.lm_head(out.last_hidden_state[keep])  # (N, V)
     else:  # any causal LM without the usual base/head split
-        logits = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-        ).logits[keep]
+        logits = out.logits[keep]
     if denominator is None:
         return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
     ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
@@ -402,7 +455,14 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                 mine = [seqs[i] for i in ranks.piece(len(seqs))]
                 # a rank without sequences runs one with weight 0: every rank syncs gradients
                 weight = float(ranks.world) if mine else 0.0
-                batch = collate(mine or seqs[:1], tokenizer.pad_token_id, cfg.pack, cfg.pack_len)
+                batch = collate(
+                    mine or seqs[:1],
+                    tokenizer.pad_token_id,
+                    cfg.pack,
+                    cfg.pack_len,
+                    # checkpointed layers run without a KV cache: nothing to share then
+                    cfg.share_prefix and not cfg.gradient_checkpointing,
+                )
                 # 2. loss on completion tokens only, over the whole step's token count
                 loss = sft_loss(model, batch, denominator=max(1, n_targets(seqs)))
                 # 3. optimizer step
