@@ -32,7 +32,7 @@ from ahamoment.stages.eval import (
     summarize,
 )
 from ahamoment.tasks import get_task
-from tests_support import serve_on_loopback
+from tests_support import default_sigint, serve_on_loopback
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "recipes" / "pretrain-tiny.yaml")
@@ -212,6 +212,7 @@ def test_ctrl_c_keeps_finished_chunks(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=default_sigint,
     )
     results = tmp_path / "run" / "results.jsonl"
     deadline = time.time() + 60

@@ -31,7 +31,7 @@ from ahamoment.models import save_model
 from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.rollout.base import Request
 from ahamoment.server import Service, StopFilter, ThinkSplitter, make_app, split_reasoning
-from tests_support import serve_on_loopback
+from tests_support import default_sigint, serve_on_loopback
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -416,7 +416,13 @@ def test_aha_serve_cli_serves_and_stops_on_ctrl_c(tiny_model, tiny_tokenizer, tm
     cmd = [sys.executable, "-m", "ahamoment.cli", "serve", "--model", str(model_dir)]
     cmd += ["--port", str(port), "--threads", "1", "--reasoning", "hidden"]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=default_sigint,
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests_support import default_sigint
+
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "recipes" / "pretrain-tiny.yaml")
 TIMING = {"rollout_tok_s", "train_tok_s", "step_s"}
@@ -89,7 +91,13 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_base, tmp_path, sig):
 
     broken = tmp_path / "broken"
     cmd = [sys.executable, "-m", "ahamoment.cli", *args, "--out", str(broken)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=default_sigint,
+    )
     deadline = time.time() + 120
     while not (broken / "checkpoints" / "step-2").exists():
         assert proc.poll() is None, "run ended before it could be interrupted"

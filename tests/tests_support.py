@@ -39,3 +39,12 @@ def corpus_text() -> str:
         )
         + "<think>\n13+7=20,20-5=15,yes\n</think>\n<answer>13+7-5</answer>"
     )
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that the test stops with SIGINT: a shell that starts jobs in
+    the background (``cmd &``, as some CI launchers do) leaves SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so the child would never see the Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
