@@ -79,26 +79,19 @@ def test_zero_and_sft_train_adapters_and_save_a_merged_model(tiny_model, tiny_to
     base = tmp_path / "base"
     save_model(tiny_model, tiny_tokenizer, base)
     before = load_file(str(base / "model.safetensors"))
-    common = dict(lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS, threads=1)
+    lora_args = dict(lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS, threads=1)
+    common = dict(
+        **lora_args, steps=2, prompts_per_step=2,
+        group_size=4, max_new_tokens=8, heldout_n=2, eval_k=1, eval_every=0, real_eval=False,
+        save_every=1, lr=5e-2, warmup=1, reward="reward_plugin:length_penalty",
+    )  # fmt: skip
     run = tmp_path / "zero"
     zero(
         ZeroConfig(
             model=str(base),
             out=str(run),
-            steps=2,
-            prompts_per_step=2,
-            group_size=4,
-            max_new_tokens=8,
-            heldout_n=2,
-            eval_k=1,
-            eval_every=0,
-            real_eval=False,
-            save_every=1,
-            lr=5e-2,
-            warmup=1,
-            reward="reward_plugin:length_penalty",
             **common,
-        )  # fmt: skip
+        )
     )
     # only adapted projections moved in the merged final model; checkpoints hold adapters only
     moved = _trained_keys(before, run / "final")
@@ -118,20 +111,8 @@ def test_zero_and_sft_train_adapters_and_save_a_merged_model(tiny_model, tiny_to
             model=str(base),
             out=str(cut),
             resume=True,
-            steps=2,
-            prompts_per_step=2,
-            group_size=4,
-            max_new_tokens=8,
-            heldout_n=2,
-            eval_k=1,
-            eval_every=0,
-            real_eval=False,
-            save_every=1,
-            lr=5e-2,
-            warmup=1,
-            reward="reward_plugin:length_penalty",
             **common,
-        )  # fmt: skip
+        )
     )
     a = load_file(str(run / "final" / "model.safetensors"))
     b = load_file(str(cut / "final" / "model.safetensors"))
@@ -143,7 +124,7 @@ def test_zero_and_sft_train_adapters_and_save_a_merged_model(tiny_model, tiny_to
     rows = [{"prompt": f"User: {rng.randint(1, 99)}?", "completion": "<think>x</think>"}] * 8
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = sft(SFTConfig(data=str(data), model=str(base), out=str(tmp_path / "sft"), epochs=1,
-                      batch_size=4, lr=5e-2, warmup=1, heldout_n=0, **common))  # fmt: skip
+                      batch_size=4, lr=5e-2, warmup=1, heldout_n=0, **lora_args))  # fmt: skip
     assert s["steps"] == 2
     moved = _trained_keys(before, tmp_path / "sft" / "final")
     assert moved and all(any(t in k for t in TARGETS.split(",")) for k in moved), moved
