@@ -40,6 +40,7 @@ def test_report_from_fixture_run(tmp_path, capsys):
     assert "<h4>start: step 1</h4>" in page and "<h4>end: step 30</h4>" in page
     # the fixture logs no clip_frac and no throughput: those panels are skipped with a note
     assert "panel “Clip fraction” skipped" in page and "panel “Throughput” skipped" in page
+    assert "panel “Language mixing” skipped" in page  # the fixture predates the metric
     # final table: pass1 0.25 -> 0.45 from summary.json
     assert "<td>pass1</td><td>0.25</td><td>0.45</td><td>0.2</td>" in page
     # the fixture self-corrects in every 3rd step's correct sample at a flat rate (1/3):
@@ -125,3 +126,19 @@ def test_loggers(tmp_path):
     log.log(1, {"step": 1, "reward": 0.5, "eval/settings": {"n": 4}})
     log.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_language_mixing_panel_only_when_some_run_mixes(tmp_path):
+    from ahamoment.stages.report import load_run, plot_curves
+
+    def run(rate: float):
+        d = tmp_path / f"r{rate}"
+        d.mkdir(exist_ok=True)
+        rows = [{"step": s, "reward": 0.1, "mixing_rate": rate} for s in range(1, 4)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return load_run(d)
+
+    _, notes = plot_curves([run(0.0)], smooth=1)
+    assert any("Language mixing" in n and "0 throughout" in n for n in notes)
+    _, notes = plot_curves([run(0.0), run(0.4)], smooth=1)
+    assert not any("Language mixing" in n for n in notes)

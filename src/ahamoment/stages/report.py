@@ -270,6 +270,8 @@ class Panel:
     ylabel: str = ""
     prefix_keys: str = ""
     """Also plot every logged key starting with this (e.g. reward components)."""
+    skip_if_zero: bool = False
+    """Skip the panel when every logged value is 0 (e.g. no run mixes languages)."""
 
 
 PANELS: list[Panel] = [
@@ -277,6 +279,7 @@ PANELS: list[Panel] = [
     Panel("Accuracy: train and held-out", ["accuracy", "eval/pass1"], "accuracy"),
     Panel("Completion length", ["len_mean", "len_p90"], "tokens"),
     Panel("Reflection", ["reflection_rate", "self_correction_rate"], "rate"),
+    Panel("Language mixing", ["mixing_rate"], "rate", skip_if_zero=True),
     Panel("Entropy", ["entropy"], "nats / token"),
     Panel("KL to reference", ["kl"], "kl"),
     Panel("Clip fraction", ["clip_frac"], "fraction"),
@@ -342,6 +345,9 @@ def plot_curves(runs: list[Run], smooth: int, dpi: int = 80) -> tuple[bytes | No
         present = [k for k in keys if any(series(r, k)[0] for r in runs)]
         if not present:
             notes.append(f"panel “{panel.title}” skipped: no run logged {', '.join(keys)}")
+            continue
+        if panel.skip_if_zero and not any(any(series(r, k)[1]) for k in present for r in runs):
+            notes.append(f"panel “{panel.title}” skipped: {', '.join(present)} is 0 throughout")
             continue
         todo.append((panel, present))
     if not todo:
