@@ -489,8 +489,11 @@ def policy_update(
                     mask = mask * in_loss[idx].unsqueeze(1).to(mask.dtype)  # (b, Lc)
                     old = old_logp[idx, :Lc] if old_logp is not None else logp.detach()
                     kl = kl_fn(logp, ref_logp[idx, :Lc]) if ref_logp is not None else None
-                    samp = batch.sampler_logprobs(chunk, logp)  # (b, Lc)
-                    pg_logp, tis = logp, torch.ones_like(logp)
+                    # sampler log-probs: needed for TIS, and for the mismatch diagnostic (first
+                    # minibatch only); not rebuilt for every micro-batch otherwise
+                    need_samp = cfg.tis_cap > 0 or mismatch is None
+                    samp = batch.sampler_logprobs(chunk, logp) if need_samp else None  # (b, Lc)
+                    pg_logp, tis = logp, None
                     if cfg.tis_cap > 0:  # same values, policy-gradient term weighted per token
                         tis = tis_weights(old, samp, mask, cfg.tis_cap)  # (b, Lc)
                         pg_logp = scale_grad(logp, tis)
@@ -507,7 +510,7 @@ def policy_update(
                 sums[3] += st["kl"] * tok
                 sums[4] += masked_mean(ent, mask).item() * tok
                 sums[5] += tok
-                sums[6] += masked_mean(tis, mask).item() * tok
+                sums[6] += (masked_mean(tis, mask).item() if tis is not None else 1.0) * tok
                 if mismatch is None:  # sampler vs trainer log-probs, on-policy tokens only
                     diff = (logp.detach() - samp).abs()
                     mis_sum += float(torch.where(mask.bool(), diff, 0.0).sum())
