@@ -25,6 +25,7 @@ from ahamoment.metrics import (
 from ahamoment.models import r1_zero_prompt
 from ahamoment.rewards import format_reward, judge
 from ahamoment.rollout import Engine, Request, SamplingParams, TorchEngine
+from ahamoment.splits import heldout, real_countdown
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import Problem
 
@@ -173,6 +174,45 @@ def evaluate(
         | {"max_new_tokens": max_new_tokens},
     }
     return EvalResult(summary, records)
+
+
+def heldout_figures(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    n: int,
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    real: bool = False,
+) -> dict[str, Any]:
+    """``{"heldout": summary}`` of ``model`` on the task's first ``n`` held-out problems, plus
+    ``"real"`` (3- and 4-number summaries on the real Countdown sample) when ``real`` and the
+    task is a Countdown one. The final evaluation of sft, distill and r1."""
+    with torch.no_grad():
+
+        def ev(problems: Sequence[Problem], at: int) -> dict[str, Any]:
+            return evaluate(
+                model,
+                tokenizer,
+                problems,
+                k=k,
+                temperature=temperature,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                seed=at,
+            ).summary
+
+        out: dict[str, Any] = {"heldout": ev(heldout(task, n), seed)}
+        if real and task.startswith("countdown"):
+            rows = list(real_countdown())
+            out["real"] = {
+                f"{m}_numbers": ev([p for p in rows if len(p.fields["nums"]) == m], seed + 7)
+                for m in (3, 4)
+            }
+    return out
 
 
 def template_baseline(problems: Sequence[Problem]) -> dict[str, Any]:

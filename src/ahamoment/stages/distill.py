@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ahamoment import config as cfglib
 from ahamoment.data import DataError, sample_excluding
+from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt, set_threads
 from ahamoment.progress import progress_bar
 from ahamoment.splits import excluded
@@ -303,14 +304,17 @@ class DistillConfig:
 
 
 def _eval_model(path: Path, cfg: DistillConfig, seed: int) -> dict[str, Any]:
-    from ahamoment.stages.sft import evaluate_final
-
-    class _E:  # the evaluation settings evaluate_final reads
-        heldout_n, eval_k, eval_temperature = cfg.heldout_n, cfg.eval_k, 1.0
-        max_new_tokens, real_eval, task = 128, cfg.real_eval, cfg.task
-
-    _E.seed = seed
-    return evaluate_final(load_model(path).eval(), load_tokenizer(path), _E)
+    return heldout_figures(
+        load_model(path).eval(),
+        load_tokenizer(path),
+        cfg.task,
+        cfg.heldout_n,
+        k=cfg.eval_k,
+        temperature=1.0,
+        max_new_tokens=128,
+        seed=seed,
+        real=cfg.real_eval,
+    )
 
 
 def _cached(path: Path, fn) -> dict[str, Any]:

@@ -29,16 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
-from ahamoment.evaluation import evaluate
+from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt, set_threads
 from ahamoment.rewards import judge
-from ahamoment.splits import excluded, heldout
+from ahamoment.splits import excluded
 from ahamoment.stages.pretrain import PretrainConfig, pretrain
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import TraceNoise
@@ -163,19 +162,16 @@ def run_stage(run: Path, name: str, fn: Callable[[Path], dict[str, Any]], consol
 
 def compare(model_dir: Path, cfg: R1Config) -> dict[str, Any]:
     """Held-out figures of one final model; R1-Zero and R1 get the same problems and seed."""
-    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
-    with torch.no_grad():
-        s = evaluate(
-            model,
-            tokenizer,
-            heldout(cfg.task, cfg.heldout_n),
-            k=cfg.eval_k,
-            temperature=1.0,
-            top_p=1.0,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed + 20_000,
-        ).summary
-    return s
+    return heldout_figures(
+        load_model(model_dir).eval(),
+        load_tokenizer(model_dir),
+        cfg.task,
+        cfg.heldout_n,
+        k=cfg.eval_k,
+        temperature=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed + 20_000,
+    )["heldout"]
 
 
 def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:

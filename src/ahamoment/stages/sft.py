@@ -38,10 +38,9 @@ from ahamoment import checkpoint, lora
 from ahamoment import config as cfglib
 from ahamoment.data import DataError, read_jsonl
 from ahamoment.distributed import Ranks, claim_run_dir, make_accelerator, share_threads
-from ahamoment.evaluation import evaluate
+from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, n_params
 from ahamoment.progress import progress_bar
-from ahamoment.splits import heldout, real_countdown
 from ahamoment.stages.pretrain import ensure_base_model
 from ahamoment.tasks import TASKS
 
@@ -529,33 +528,21 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     return ranks.broadcast(summary)
 
 
-def evaluate_final(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+def evaluate_final(model: Any, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
     """Held-out (and real Countdown) figures of ``model`` with the config's eval settings."""
-    out: dict[str, Any] = {}
     if not cfg.heldout_n:
-        return out
-    with torch.no_grad():
-
-        def ev(problems, seed):
-            return evaluate(
-                model,
-                tokenizer,
-                problems,
-                k=cfg.eval_k,
-                temperature=cfg.eval_temperature,
-                top_p=1.0,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=seed,
-            ).summary
-
-        out["heldout"] = ev(heldout(cfg.task, cfg.heldout_n), cfg.seed)
-        if cfg.real_eval and cfg.task.startswith("countdown"):
-            rows = list(real_countdown())
-            out["real"] = {
-                f"{n}_numbers": ev([p for p in rows if len(p.fields["nums"]) == n], cfg.seed + 7)
-                for n in (3, 4)
-            }
-    return out
+        return {}
+    return heldout_figures(
+        model,
+        tokenizer,
+        cfg.task,
+        cfg.heldout_n,
+        k=cfg.eval_k,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        real=cfg.real_eval,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
