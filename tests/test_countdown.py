@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 
 from ahamoment.data import DataError
+from ahamoment.metrics import is_self_correction
 from ahamoment.rewards import accuracy_reward, extract_answer, format_reward
 from ahamoment.tasks import TraceNoise, get_task
 from ahamoment.tasks.countdown import Countdown
@@ -298,3 +299,84 @@ def test_trace_is_deterministic_given_the_rng():
     assert CD.trace(p, random.Random(9), TraceNoise()) == CD.trace(
         p, random.Random(9), TraceNoise()
     )
+
+
+TZ100 = get_task("countdown_tinyzero_100")
+
+
+def test_tinyzero_100_targets_match_the_real_rows():
+    rng = random.Random(11)
+    for _ in range(200):
+        p = TZ100.sample(rng)
+        assert 1 <= p.fields["target"] <= 100 and len(p.fields["nums"]) in (3, 4)
+        assert all(1 <= n <= 99 for n in p.fields["nums"])
+    # every real row's target is reachable in this form (they were generated that way)
+    for p in TZ100.load_jsonl(REAL)[:200]:
+        assert p.fields["target"] in TZ100.reachable(tuple(sorted(p.fields["nums"])))
+
+
+def test_reachable_with_all_four_operators_by_hand():
+    got = set(TZ.reachable((2, 3, 4)))
+    # 2*3*4, (2+3)*4, (3+4)*2, 2+3+4, 3*4/2, 4/2-... (4-3)*2, (3+2)-4
+    assert {24, 20, 14, 9, 6, 2, 1} <= got
+    assert max(got) == 24 and 23 not in got
+    assert TZ.reachable((1, 1)) == (1, 2)  # 1*1 = 1/1 = 1, 1+1 = 2; 1-1 = 0 is not positive
+
+
+def test_search_ops_and_recalled_target():
+    # Tries over "+-" only, verdicts without "|target"; a check line compares adjacently.
+    rng = random.Random(12)
+    noise = TraceNoise(
+        p_give_up=0, p_false_hit=1, p_check=1, p_drop_tags=0, search_ops="+-", inline_target=False
+    )
+    p = TZ100.make([13, 7, 5], 15)
+    t = TZ100.trace(p, rng, noise)
+    lines = t.split("\n")[1:-2]
+    tries = [ln for ln in lines if not ln.startswith("wait")]
+    checks = [ln for ln in lines if ln.startswith("wait")]
+    assert all(re.fullmatch(r"(\d+[+-]\d+=\d+,)+(yes|no)", x) for x in tries)
+    # every try is called a hit (p_false_hit 1) and checked; misses are rejected, search goes on
+    assert len(checks) == len(tries) >= 2
+    assert all(re.fullmatch(r"wait,check:\d+[+-]\d+=\d+\|15,no", c) for c in checks[:-1])
+    assert checks[-1].endswith("|15,yes")
+    assert format_reward(p, t) == 1.0 and accuracy_reward(p, t) == 1.0
+
+
+def test_new_corpus_fields_keep_old_cache_keys():
+    from ahamoment.stages.pretrain import PretrainConfig
+
+    # the embedded default's key (README figures, users' caches) must not move
+    assert PretrainConfig().cache_key() == "countdown-c1b238eb41f6"
+    assert PretrainConfig(search_ops="+-").cache_key() != PretrainConfig().cache_key()
+    assert PretrainConfig(inline_target=False).cache_key() != PretrainConfig().cache_key()
+
+
+def test_guess_first_traces():
+    # Always check, never give up: guesses are claimed, computed (reversed digits) and rejected
+    # until one hits; each rejection is a self-correction by metrics.is_self_correction.
+    rng = random.Random(13)
+    noise = TraceNoise(
+        p_give_up=0,
+        p_check=1,
+        p_drop_tags=0,
+        search_ops="+-",
+        guess_first=True,
+        reversed_digits=True,
+    )
+    p = TZ100.make([58, 82, 4], 136)  # 58+82-4 and its reorderings hit
+    t = TZ100.trace(p, rng, noise)
+    lines = t.split("\n")[1:-2]
+    guesses, checks = lines[0::2], lines[1::2]
+    assert len(guesses) == len(checks) >= 2  # this seed misses first
+    assert all(re.fullmatch(r"try:\d+[+-]\d+[+-]\d+=136", g) for g in guesses)
+    assert all(
+        re.fullmatch(r"wait,check:\d+[+-]\d+=\d+,\d+[+-]\d+=\d+\|631,no", c) for c in checks[:-1]
+    )
+    assert checks[-1].endswith("|631,yes") and accuracy_reward(p, t) == 1.0
+    # the check computes the guessed chain: 58+82=140 is written 85+28=041
+    assert ("85+28=041" in checks[-1]) == guesses[-1].startswith("try:58+82")
+    assert is_self_correction(t)
+    # never check: the first guess is the answer, unverified
+    t0 = TZ100.trace(p, random.Random(13), TraceNoise(p_check=0, p_drop_tags=0, guess_first=True))
+    lines0 = t0.split("\n")
+    assert len(lines0) == 4 and lines0[1].startswith("try:") and not is_self_correction(t0)

@@ -10,6 +10,7 @@ import pytest
 from ahamoment.metrics import (
     REFLECTION_WORDS,
     SampleSettings,
+    arithmetic_steps,
     has_reflection,
     is_self_correction,
     length_stats,
@@ -17,6 +18,7 @@ from ahamoment.metrics import (
     pass1,
     pass_at_k,
     reflection_rate,
+    step_accuracy,
 )
 
 
@@ -180,3 +182,11 @@ def test_step_accuracy_pools_steps():
 
     assert step_accuracy(["<think>1+1=2</think>", "<think>2+2=5,5+1=6</think>"]) == 2 / 3
     assert step_accuracy(["nothing"]) is None
+
+
+def test_step_accuracy_in_reversed_notation():
+    # 58+82=140 written least-significant digit first; one wrong step (041+4=541: 140+4 != 145)
+    text = "<think>\n85+28=041,041+4=441,no\n041+4=541,no\n</think>\n<answer>x</answer>"
+    assert arithmetic_steps(text, reversed_digits=True) == (2, 3)
+    assert arithmetic_steps(text) == (0, 3)  # read in the usual order, none is right
+    assert step_accuracy([text, "<think>\n2-1=1\n</think>"], reversed_digits=True) == 0.75

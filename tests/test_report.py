@@ -142,3 +142,43 @@ def test_language_mixing_panel_only_when_some_run_mixes(tmp_path):
     assert any("Language mixing" in n and "0 throughout" in n for n in notes)
     _, notes = plot_curves([run(0.0), run(0.4)], smooth=1)
     assert not any("Language mixing" in n for n in notes)
+
+
+def test_dynamics_need_final_and_every_late_eval():
+    from ahamoment.stages.report import Run, dynamics
+
+    def ev(step, p1, ln, sc):
+        return {
+            "step": step,
+            "eval/pass1": p1,
+            "eval/mean_len": ln,
+            "eval/self_correction_rate": sc,
+        }
+
+    run = Run(
+        Path("."),
+        "r",
+        {"steps": 100},
+        # step 60 is outside the last 20%: its low values do not count
+        [
+            ev(60, 0.01, 10.0, 0.0),
+            {"step": 70},
+            ev(80, 0.22, 50.0, 0.01),
+            ev(100, 0.25, 60.0, 0.02),
+        ],
+        [],
+        {"heldout": {"pass1": 0.1, "mean_len": 40.0, "self_correction_rate": 0.0}},
+        {"trained": {"pass1": 0.25, "mean_len": 60.0, "self_correction_rate": 0.03}},
+    )
+    got = {d.key: d for d in dynamics(run)}
+    p1, ln, sc = got["pass1"], got["mean_len"], got["self_correction_rate"]
+    assert p1.final_ratio == pytest.approx(2.5) and p1.tail_ratio == pytest.approx(2.2)
+    assert p1.tail_evals == 2 and p1.met
+    # final 1.5x, but the step-80 evaluation is 50/40 = 1.25x < 1.3x: a spike, not sustained
+    assert ln.final_ratio == pytest.approx(1.5) and ln.tail_ratio == pytest.approx(1.25)
+    assert not ln.met
+    assert sc.final_ratio == float("inf") and sc.met  # from 0 to a positive rate
+    run.summary = None
+    assert not any(d.met for d in dynamics(run))  # no final figures yet
+    run.base_eval = None
+    assert dynamics(run) == []

@@ -102,8 +102,11 @@ def evaluate(
     greedy: bool = True,
     batch_size: int = 256,
     engine: Engine | None = None,
+    reversed_digits: bool = False,
 ) -> EvalResult:
-    """Greedy accuracy plus pass@1 (mean over k samples), pass@k and cons@k on ``problems``."""
+    """Greedy accuracy plus pass@1 (mean over k samples), pass@k and cons@k on ``problems``.
+    ``reversed_digits``: the model writes its reasoning's numbers least-significant digit
+    first (read by step_accuracy)."""
     prompts = encode_prompts(tokenizer, problems)
     stops = stop_ids(tokenizer)
     gen = torch.Generator().manual_seed(seed)
@@ -168,7 +171,7 @@ def evaluate(
         "p90_len": lens["p90"],
         "reflection_rate": sum(refl) / max(1, len(refl)),
         "self_correction_rate": sum(selfc) / max(1, len(selfc)),
-        "step_accuracy": step_accuracy(sampled.texts),
+        "step_accuracy": step_accuracy(sampled.texts, reversed_digits),
         "mixing_rate": mixing_rate(sampled.texts) if sampled.texts else 0.0,
         "settings": SampleSettings(temperature, top_p, k, k).as_dict()
         | {"max_new_tokens": max_new_tokens},

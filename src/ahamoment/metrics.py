@@ -112,30 +112,37 @@ def mixing_rate(texts: Sequence[str]) -> float:
     return sum(map(is_mixed, texts)) / len(texts)
 
 
-_STEP_RE = re.compile(r"(?<![\d)])(\d+)([+\-*])(\d+)=(-?\d+)")
+# a step starts a number that no operator precedes: in "try:88+52+48=96" (a claim about a
+# whole expression) "52+48=96" is not a step
+_STEP_RE = re.compile(r"(?<![\d)+\-*/])(\d+)([+\-*])(\d+)=(-?\d+)")
 
 
-def arithmetic_steps(text: str) -> tuple[int, int]:
-    """(correct, total) integer steps ``a+b=c``, ``a-b=c``, ``a*b=c`` written in the reasoning.
+def arithmetic_steps(text: str, reversed_digits: bool = False) -> tuple[int, int]:
+    """(correct, total) integer steps ``a+b=c``, ``a-b=c``, ``a*b=c`` written in the reasoning;
+    ``reversed_digits``: numbers are written least-significant digit first (85+28=041).
 
     The per-step reliability of sampled arithmetic decides whether a longer search can pay
     (FINDINGS.md): log it beside accuracy.
     """
     thinking = _END_OF_THINKING_RE.split(text, maxsplit=1)[0]
+
+    def num(s: str) -> int:
+        return int(s[::-1]) if reversed_digits else int(s)
+
     ok = total = 0
     for a, op, b, c in _STEP_RE.findall(thinking):
-        x, y = int(a), int(b)
+        x, y = num(a), num(b)
         value = x + y if op == "+" else x - y if op == "-" else x * y
-        ok += int(value == int(c))
+        ok += int(value == (int(c) if c.startswith("-") else num(c)))
         total += 1
     return ok, total
 
 
-def step_accuracy(texts: Sequence[str]) -> float | None:
+def step_accuracy(texts: Sequence[str], reversed_digits: bool = False) -> float | None:
     """Share of correct arithmetic steps over all texts; None when no text has a step."""
     ok = total = 0
     for t in texts:
-        a, b = arithmetic_steps(t)
+        a, b = arithmetic_steps(t, reversed_digits)
         ok, total = ok + a, total + b
     return ok / total if total else None
 

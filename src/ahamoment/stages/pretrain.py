@@ -68,6 +68,18 @@ class PretrainConfig:
     p_foreign: float = 0.0
     """Corpus language mixing: write each reasoning line in the second language (language.py:
     same steps, other symbols, equal token length) with this probability; `aha r1` uses 0.3."""
+    search_ops: str = ""
+    """Corpus: operators the traces' tries use (empty: all of the task's; "+-" keeps every
+    step a plain addition or subtraction)."""
+    inline_target: bool = True
+    """Corpus: end each try with "|target" before its verdict; false makes the verdict recall
+    the target from the prompt, and only 'wait,check:' lines compare adjacently."""
+    guess_first: bool = False
+    """Corpus: each try claims a candidate ("try:58+82-4=45"), then commits to it or, with
+    p_check, computes it on a 'wait,check:' line; a rejected guess is followed by another."""
+    reversed_digits: bool = False
+    """Corpus: write the reasoning's numbers least-significant digit first (the answer stays
+    standard); small models then compute multi-digit steps far more reliably."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
     vocab_size: int = 512
@@ -115,6 +127,8 @@ class PretrainConfig:
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
+        if set(self.search_ops) - set("+-*/"):
+            raise ValueError(f"search_ops must be a subset of '+-*/', got {self.search_ops!r}")
         if self.tokens < self.block * self.batch_size:
             raise ValueError("tokens must cover at least one batch (block x batch_size)")
 
@@ -126,13 +140,25 @@ class PretrainConfig:
             self.p_drop_tags,
             self.p_guess,
             self.p_foreign,
+            self.search_ops,
+            self.inline_target,
+            self.guess_first,
+            self.reversed_digits,
         )
 
     def cache_key(self) -> str:
         ignored = ("threads", "out", "force", "save_every")
         keyed = {k: v for k, v in asdict(self).items() if k not in ignored}
-        if not self.p_foreign:
-            del keyed["p_foreign"]  # added later: monolingual models keep their cache keys
+        # added later: models built without them keep their cache keys
+        for name, default in (
+            ("p_foreign", 0.0),
+            ("search_ops", ""),
+            ("inline_target", True),
+            ("guess_first", False),
+            ("reversed_digits", False),
+        ):
+            if keyed[name] == default:
+                del keyed[name]
         keyed["task_version"] = getattr(get_task(self.task), "version", 1)
         keyed["corpus_version"] = CORPUS_VERSION
         blob = json.dumps(keyed, sort_keys=True).encode()

@@ -524,6 +524,98 @@ def summary_html(run: Run) -> str:
     return out
 
 
+DYNAMICS = (("pass1", 2.0), ("mean_len", 1.3), ("self_correction_rate", 1.3))
+"""R1-Zero's dynamics as held-out ratios to the base model (step 0): accuracy that doubles,
+responses 1.3x longer, self-correction 1.3x more frequent (the aha-moment recipe's bar)."""
+
+
+@dataclass
+class Dynamic:
+    key: str
+    need: float
+    start: float
+    final: float | None
+    tail_min: float | None
+    """Lowest held-out value over the periodic evaluations in the last ``tail`` of training."""
+    tail_evals: int
+
+    @staticmethod
+    def ratio(value: float | None, start: float) -> float | None:
+        if value is None:
+            return None
+        return value / start if start > 0 else (math.inf if value > 0 else 1.0)
+
+    @property
+    def final_ratio(self) -> float | None:
+        return self.ratio(self.final, self.start)
+
+    @property
+    def tail_ratio(self) -> float | None:
+        return self.ratio(self.tail_min, self.start)
+
+    @property
+    def met(self) -> bool:
+        r, t = self.final_ratio, self.tail_ratio
+        return r is not None and r >= self.need and t is not None and t >= self.need
+
+
+def dynamics(run: Run, tail: float = 0.2) -> list[Dynamic]:
+    """Each of DYNAMICS against the base model's held-out figures: the final value (summary)
+    and the lowest periodic evaluation in the last ``tail`` of the steps, so one spike does not
+    pass. Empty when the run has no base evaluation yet."""
+    base = (run.base_eval or {}).get("heldout")
+    if not base:
+        return []
+    evals = [r for r in run.metrics if "eval/pass1" in r]
+    steps = int(run.config.get("steps") or max((int(r["step"]) for r in run.metrics), default=0))
+    late = [r for r in evals if int(r["step"]) >= (1 - tail) * steps]
+    final = (run.summary or {}).get("trained") or {}
+    out = []
+    for key, need in DYNAMICS:
+        vals = [float(r[f"eval/{key}"]) for r in late if f"eval/{key}" in r]
+        out.append(
+            Dynamic(
+                key,
+                need,
+                float(base.get(key, 0.0)),
+                float(final[key]) if key in final else None,
+                min(vals) if vals else None,
+                len(vals),
+            )
+        )
+    return out
+
+
+def dynamics_html(run: Run) -> str:
+    rows = dynamics(run)
+    if not rows:
+        return "<p>No base evaluation yet.</p>"
+    table = _table(
+        [
+            "held-out metric",
+            "step 0",
+            "final",
+            "final / step 0",
+            "min over last 20%",
+            "needed",
+            "met",
+        ],
+        [
+            [
+                d.key,
+                d.start,
+                d.final,
+                d.final_ratio,
+                d.tail_min,
+                f"{d.need}x",
+                "yes" if d.met else "no",
+            ]
+            for d in rows
+        ],
+    )
+    return table + f"<p class='meta'>Last 20%: {rows[0].tail_evals} periodic evaluations.</p>"
+
+
 def aha_html(run: Run, aha: AhaResult, anchor: str, cfg: ReportConfig) -> str:
     x0, n0 = aha.base
     test = (
@@ -641,6 +733,7 @@ def build_html(
     nav = [
         "<a href='#config'>config</a>",
         "<a href='#final'>final table</a>",
+        "<a href='#dynamics'>dynamics</a>",
         "<a href='#curves'>curves</a>",
         "<a href='#aha'>aha moment</a>",
         "<a href='#samples'>samples</a>",
@@ -666,6 +759,9 @@ def build_html(
     parts.append("<h2 id='final'>Final table</h2>")
     for run in runs:
         parts.append(f"<h3>{html.escape(run.label)}</h3>{summary_html(run)}")
+    parts.append("<h2 id='dynamics'>R1-Zero dynamics</h2>")
+    for run in runs:
+        parts.append(f"<h3>{html.escape(run.label)}</h3>{dynamics_html(run)}")
     parts.append("<h2 id='curves'>Curves</h2>" + _img(curves, "training curves"))
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
     parts.append("<h2 id='aha'>Aha moment</h2>" + _img(aha_png, "self-correction rate"))
@@ -723,6 +819,17 @@ def report(cfg: ReportConfig, console: Console | None = None) -> Path:
                 else "no window with correct samples"
             )
             console.print(f"{run.label}: no aha moment detected (base {x0}/{n0}; {detail})")
+    for run in runs:
+        rows = dynamics(run)
+        if rows:
+            console.print(
+                f"{run.label}: dynamics (final / step 0, min over the last 20%): "
+                + "; ".join(
+                    f"{d.key} {_fmt(d.final_ratio)}x / {_fmt(d.tail_ratio)}x (need {d.need}x)"
+                    for d in rows
+                )
+                + (" — all met" if all(d.met for d in rows) else "")
+            )
     console.print(f"report: {page}")
     return page
 

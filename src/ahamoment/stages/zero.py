@@ -610,7 +610,9 @@ def default_seed_block(prompts: int, world: int) -> int:
     )
 
 
-def rollout_metrics(batch: Rollout, group_size: int) -> dict[str, Any]:
+def rollout_metrics(
+    batch: Rollout, group_size: int, reversed_digits: bool = False
+) -> dict[str, Any]:
     """Rollout figures of a scored batch (rewards before any overlong or KL shaping)."""
     B = len(batch)
     g, rb = batch.gen, batch.rb
@@ -634,7 +636,7 @@ def rollout_metrics(batch: Rollout, group_size: int) -> dict[str, Any]:
         "truncated_rate": g.finish.count("length") / B,
         "reflection_rate": sum(map(has_reflection, g.texts)) / B,
         "self_correction_rate": sum(map(is_self_correction, g.texts)) / B,
-        "step_accuracy": step_accuracy(g.texts),
+        "step_accuracy": step_accuracy(g.texts, reversed_digits),
         "mixing_rate": mixing_rate(g.texts),
     }
 
@@ -706,6 +708,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     held = heldout(cfg.task, cfg.heldout_n)
     with_real = cfg.real_eval and cfg.task.startswith("countdown")
 
+    reverse = _reversed_digits(base_path)  # notation of the reasoning's numbers (step_accuracy)
+
     def run_eval(problems, seed_offset: int) -> dict[str, Any]:
         return evaluate(
             model,
@@ -717,6 +721,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed + seed_offset,
             engine=engine,
+            reversed_digits=reverse,
         ).summary
 
     def real_eval() -> dict[str, Any]:
@@ -865,7 +870,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 step += 1
 
                 # 6. log (rollout figures over everything sampled this step)
-                row = {"step": step, **rollout_metrics(sampled, cfg.group_size)}
+                row = {"step": step, **rollout_metrics(sampled, cfg.group_size, reverse)}
                 row.update(sampling, overlong_masked=int((~in_loss).sum()))
                 row.update({k: v for k, v in upd.items() if k != "train_tokens"})
                 row.update(
@@ -944,6 +949,14 @@ def _finish(
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _reversed_digits(model_dir: Path) -> bool:
+    """Whether the base model's corpus wrote numbers least-significant digit first."""
+    meta = Path(model_dir) / "ahamoment_pretrain.json"
+    if not meta.exists():
+        return False
+    return bool(json.loads(meta.read_text()).get("config", {}).get("reversed_digits"))
 
 
 def _pretrain_facts(model_dir: Path) -> dict[str, Any]:

@@ -51,6 +51,22 @@ class TraceNoise:
     """On giving up, answer a random candidate (a guess); otherwise answer the last try."""
     p_foreign: float = 0.0
     """Write each reasoning line in the second language (language.py) with this probability."""
+    search_ops: str = ""
+    """Operators the traces' tries use (empty: all of the task's); e.g. "+-" keeps every step
+    a 2-digit addition or subtraction on the TinyZero form."""
+    inline_target: bool = True
+    """End each try with "|target" before its verdict. False: the verdict compares the result
+    with the prompt's target from memory (unreliable in a tiny model), and only a check line
+    writes the adjacent comparison, so re-checking a claimed hit carries information."""
+    guess_first: bool = False
+    """Each try names a candidate and claims it ("try:58+82-4=45"), then either commits to it
+    or, with probability p_check, computes it step by step on a 'wait,check:' line that accepts
+    or rejects it; after a rejection the next guess follows (or, with p_give_up, an answer).
+    p_false_hit is unused: the unverified claim is the slip."""
+    reversed_digits: bool = False
+    """Write every number in the reasoning least-significant digit first (58+82=140 becomes
+    85+28=041): each digit then depends only on digits already written and the carry, which
+    small transformers learn far more reliably (Lee et al. 2023). The answer stays standard."""
 
 
 # A constant template: a name plus a function from a problem to an answer string.

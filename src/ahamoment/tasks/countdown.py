@@ -5,6 +5,8 @@ Two instances are registered:
 - ``countdown`` (the default): 3 numbers from 1 to 25 with + and -, 10,894 distinct problems.
 - ``countdown_tinyzero``: 3 or 4 numbers from 1 to 99 with + - * /, the TinyZero form; it
   also loads the real Countdown-Tasks-3to4 rows.
+- ``countdown_tinyzero_100``: the same with targets 1 to 100, the range of the real rows
+  (the aha-moment recipe trains on it).
 
 Targets are drawn uniformly over the *distinct* reachable values, not over expressions: with
 duplicates, a+b+c dominated and a constant template looked like learning (FINDINGS.md).
@@ -24,9 +26,8 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
-from math import comb
+from math import comb, gcd
 
 from ahamoment.data import DataError, read_jsonl
 from ahamoment.language import to_foreign
@@ -49,8 +50,12 @@ class Chain:
         return self.steps[-1][3]
 
 
-def _step(a: int, op: str, b: int, r: int) -> str:
-    return f"{a}{op}{b}={r}"
+def _num(n: int, reverse: bool) -> str:
+    return str(n)[::-1] if reverse else str(n)
+
+
+def _step(a: int, op: str, b: int, r: int, reverse: bool = False) -> str:
+    return f"{_num(a, reverse)}{op}{_num(b, reverse)}={_num(r, reverse)}"
 
 
 class Countdown(Task):
@@ -192,11 +197,12 @@ class Countdown(Task):
 
     # --- traces -----------------------------------------------------------------------------
 
-    def chains(self, nums: list[int]) -> list[Chain]:
-        """All distinct left-to-right chains whose intermediate results are integers >= 0."""
+    def chains(self, nums: list[int], search_ops: str = "") -> list[Chain]:
+        """All distinct left-to-right chains whose intermediate results are integers >= 0,
+        over ``search_ops`` (default: the task's operators)."""
         out = []
         for perm in sorted(set(itertools.permutations(nums))):
-            for ops in itertools.product(self.ops, repeat=len(perm) - 1):
+            for ops in itertools.product(search_ops or self.ops, repeat=len(perm) - 1):
                 chain = _chain(perm, ops)
                 if chain is not None:
                     out.append(chain)
@@ -205,37 +211,60 @@ class Countdown(Task):
     def trace(self, problem: Problem, rng: random.Random, noise: TraceNoise) -> str:
         """A noisy search over chains in random order; grammar in the module docstring."""
         target = problem.fields["target"]
-        cands = self.chains(problem.fields["nums"])
+        cands = self.chains(problem.fields["nums"], noise.search_ops)
         order = cands[:]
         rng.shuffle(order)
         lines: list[str] = []
         answer = order[-1].expr  # used if every candidate is tried and missed
-        for chain in order:
-            steps = [_step(*s) for s in chain.steps]
-            # Each try ends with "|target": the comparison is between two adjacent numbers.
-            tried = ",".join(steps) + f"|{target}"
-            if chain.value == target:
-                lines.append(tried + ",yes")
-                if rng.random() < noise.p_check:
-                    lines.append(f"wait,check:{steps[-1]}|{target},yes")
-                answer = chain.expr
-                break
-            if rng.random() < noise.p_false_hit:
-                # A comparison slip: the arithmetic stays right but the miss is called a hit.
-                lines.append(tried + ",yes")
-                if rng.random() >= noise.p_check:
-                    answer = chain.expr
-                    break
-                lines.append(f"wait,check:{steps[-1]}|{target},no")
-            else:
-                lines.append(tried + ",no")
-            if rng.random() < noise.p_give_up:
-                answer = rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
-                break
+        rev = noise.reversed_digits
+        search = self._guesses if noise.guess_first else self._tries
+        answer = search(order, cands, target, _num(target, rev), rng, noise, lines) or answer
         drop_tags = rng.random() < noise.p_drop_tags
         if noise.p_foreign > 0:  # drawn only then, so a monolingual corpus is unchanged
             lines = [to_foreign(ln) if rng.random() < noise.p_foreign else ln for ln in lines]
         return _render(lines, answer, drop_tags)
+
+    @staticmethod
+    def _tries(order, cands, target, shown, rng, noise, lines) -> str:
+        """Compute each chain, then judge it; returns the answer (appends to ``lines``)."""
+        # Each try ends with "|target": the comparison is between two adjacent numbers. Without
+        # it (inline_target False) the verdict must recall the target from the prompt.
+        against = f"|{shown}" if noise.inline_target else ""
+        for chain in order:
+            steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
+            tried = ",".join(steps) + against
+            if chain.value == target:
+                lines.append(tried + ",yes")
+                if rng.random() < noise.p_check:
+                    lines.append(f"wait,check:{steps[-1]}|{shown},yes")
+                return chain.expr
+            if rng.random() < noise.p_false_hit:
+                # A comparison slip: the arithmetic stays right but the miss is called a hit.
+                lines.append(tried + ",yes")
+                if rng.random() >= noise.p_check:
+                    return chain.expr
+                lines.append(f"wait,check:{steps[-1]}|{shown},no")
+            else:
+                lines.append(tried + ",no")
+            if rng.random() < noise.p_give_up:
+                return rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
+        return ""
+
+    @staticmethod
+    def _guesses(order, cands, target, shown, rng, noise, lines) -> str:
+        """Claim each chain hits, then commit or check it step by step (guess_first)."""
+        for chain in order:
+            lines.append(f"try:{chain.expr}={target}")
+            if rng.random() >= noise.p_check:
+                return chain.expr  # an unverified guess
+            steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
+            hit = chain.value == target
+            lines.append(f"wait,check:{','.join(steps)}|{shown},{'yes' if hit else 'no'}")
+            if hit:
+                return chain.expr
+            if rng.random() < noise.p_give_up:
+                return rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
+        return ""
 
 
 def _render(lines: list[str], answer: str, drop_tags: bool) -> str:
@@ -274,28 +303,30 @@ def _reachable(nums: tuple[int, ...], ops: str, max_target: int | None) -> tuple
     if ops == "+-":
         # Any bracketing of + and - is a sum of +-n with at least one plus; the patterns with
         # n0 positive and their negations cover all of them.
-        values: set[Fraction] = set()
+        values: set[tuple[int, int]] = set()
         for signs in itertools.product((1, -1), repeat=len(nums) - 1):
             s = nums[0] + sum(sg * n for sg, n in zip(signs, nums[1:]))
-            values.update((Fraction(s), Fraction(-s)))
+            values.update(((s, 1), (-s, 1)))
     else:
-        values = _tree_values(tuple(Fraction(n) for n in nums), ops)
+        values = _tree_values(nums, ops)
     out = sorted(
-        int(v)
-        for v in values
-        if v.denominator == 1 and v > 0 and (max_target is None or v <= max_target)
+        p for p, q in values if q == 1 and p > 0 and (max_target is None or p <= max_target)
     )
     return tuple(out)
 
 
-def _tree_values(vals: tuple[Fraction, ...], ops: str) -> set[Fraction]:
-    """Every value of every binary tree over ``vals`` (each used once) with ``ops``."""
-    n = len(vals)
-    by_mask: dict[int, set[Fraction]] = {1 << i: {v} for i, v in enumerate(vals)}
+Rational = tuple[int, int]
+"""(numerator, denominator) in lowest terms, denominator > 0: ~8x faster here than Fraction."""
+
+
+def _tree_values(nums: tuple[int, ...], ops: str) -> set[Rational]:
+    """Every value of every binary tree over ``nums`` (each used once) with ``ops``."""
+    n = len(nums)
+    by_mask: dict[int, set[Rational]] = {1 << i: {(v, 1)} for i, v in enumerate(nums)}
     for mask in range(1, 1 << n):
         if mask in by_mask:
             continue
-        out: set[Fraction] = set()
+        out: set[Rational] = set()
         sub = (mask - 1) & mask
         while sub:
             rest = mask ^ sub
@@ -308,19 +339,28 @@ def _tree_values(vals: tuple[Fraction, ...], ops: str) -> set[Fraction]:
     return by_mask[(1 << n) - 1]
 
 
-def _combine(a: Fraction, b: Fraction, ops: str) -> list[Fraction]:
+def _reduced(p: int, q: int) -> Rational:
+    if q < 0:
+        p, q = -p, -q
+    g = gcd(p, q)
+    return p // g, q // g
+
+
+def _combine(a: Rational, b: Rational, ops: str) -> list[Rational]:
+    (ap, aq), (bp, bq) = a, b
     out = []
     if "+" in ops:
-        out.append(a + b)
+        out.append(_reduced(ap * bq + bp * aq, aq * bq))
     if "-" in ops:
-        out += [a - b, b - a]
+        d = ap * bq - bp * aq
+        out += [_reduced(d, aq * bq), _reduced(-d, aq * bq)]
     if "*" in ops:
-        out.append(a * b)
+        out.append(_reduced(ap * bp, aq * bq))
     if "/" in ops:
-        if b:
-            out.append(a / b)
-        if a:
-            out.append(b / a)
+        if bp:
+            out.append(_reduced(ap * bq, aq * bp))
+        if ap:
+            out.append(_reduced(bp * aq, bq * ap))
     return out
 
 
@@ -346,4 +386,8 @@ COUNTDOWN = TASKS.add("countdown", Countdown("countdown", (3,), 1, 25, "+-"))
 COUNTDOWN_TINYZERO = TASKS.add(
     "countdown_tinyzero",
     Countdown("countdown_tinyzero", (3, 4), 1, 99, "+-*/", max_target=1000),
+)
+COUNTDOWN_TINYZERO_100 = TASKS.add(
+    "countdown_tinyzero_100",
+    Countdown("countdown_tinyzero_100", (3, 4), 1, 99, "+-*/", max_target=100),
 )
