@@ -167,13 +167,21 @@ def test_dynamics_need_final_and_every_late_eval():
             ev(100, 0.25, 60.0, 0.02),
         ],
         [],
-        {"heldout": {"pass1": 0.1, "mean_len": 40.0, "self_correction_rate": 0.0}},
+        {
+            "heldout": {"pass1": 0.1, "mean_len": 40.0, "self_correction_rate": 0.0},
+            # the periodic problems' own step 0: the tail is measured against it
+            "periodic": {"pass1": 0.11, "mean_len": 40.0, "self_correction_rate": 0.0},
+        },
         {"trained": {"pass1": 0.25, "mean_len": 60.0, "self_correction_rate": 0.03}},
     )
     got = {d.key: d for d in dynamics(run)}
     p1, ln, sc = got["pass1"], got["mean_len"], got["self_correction_rate"]
-    assert p1.final_ratio == pytest.approx(2.5) and p1.tail_ratio == pytest.approx(2.2)
+    assert p1.final_ratio == pytest.approx(2.5) and p1.tail_ratio == pytest.approx(2.0)
     assert p1.tail_evals == 2 and p1.met
+    run.base_eval["periodic"]["pass1"] = 0.12  # 0.22 / 0.12 < 2: not sustained
+    assert not {d.key: d for d in dynamics(run)}["pass1"].met
+    del run.base_eval["periodic"]  # older runs: the tail falls back to the final's step 0
+    assert {d.key: d for d in dynamics(run)}["pass1"].tail_ratio == pytest.approx(2.2)
     # final 1.5x, but the step-80 evaluation is 50/40 = 1.25x < 1.3x: a spike, not sustained
     assert ln.final_ratio == pytest.approx(1.5) and ln.tail_ratio == pytest.approx(1.25)
     assert not ln.met

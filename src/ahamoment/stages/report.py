@@ -457,6 +457,10 @@ def highlight(completion: str) -> str:
     return "".join(out)
 
 
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3g}x"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -534,9 +538,12 @@ class Dynamic:
     key: str
     need: float
     start: float
+    """Base model on the final evaluation's problems (base_eval.json ``heldout``)."""
     final: float | None
+    tail_start: float
+    """Base model on the periodic evaluations' problems (``periodic``; else ``start``)."""
     tail_min: float | None
-    """Lowest held-out value over the periodic evaluations in the last ``tail`` of training."""
+    """Lowest value over the periodic evaluations in the last ``tail`` of training."""
     tail_evals: int
 
     @staticmethod
@@ -551,7 +558,7 @@ class Dynamic:
 
     @property
     def tail_ratio(self) -> float | None:
-        return self.ratio(self.tail_min, self.start)
+        return self.ratio(self.tail_min, self.tail_start)
 
     @property
     def met(self) -> bool:
@@ -560,12 +567,14 @@ class Dynamic:
 
 
 def dynamics(run: Run, tail: float = 0.2) -> list[Dynamic]:
-    """Each of DYNAMICS against the base model's held-out figures: the final value (summary)
-    and the lowest periodic evaluation in the last ``tail`` of the steps, so one spike does not
-    pass. Empty when the run has no base evaluation yet."""
+    """Each of DYNAMICS against the base model: the final value (summary.json) against the base
+    on the same problems, and the lowest periodic evaluation in the last ``tail`` of the steps
+    against the base on the periodic problems, so one spike does not pass. Empty when the run
+    has no base evaluation yet."""
     base = (run.base_eval or {}).get("heldout")
     if not base:
         return []
+    periodic = (run.base_eval or {}).get("periodic") or base
     evals = [r for r in run.metrics if "eval/pass1" in r]
     steps = int(run.config.get("steps") or max((int(r["step"]) for r in run.metrics), default=0))
     late = [r for r in evals if int(r["step"]) >= (1 - tail) * steps]
@@ -579,6 +588,7 @@ def dynamics(run: Run, tail: float = 0.2) -> list[Dynamic]:
                 need,
                 float(base.get(key, 0.0)),
                 float(final[key]) if key in final else None,
+                float(periodic.get(key, 0.0)),
                 min(vals) if vals else None,
                 len(vals),
             )
@@ -596,7 +606,9 @@ def dynamics_html(run: Run) -> str:
             "step 0",
             "final",
             "final / step 0",
+            "step 0, periodic problems",
             "min over last 20%",
+            "min / step 0",
             "needed",
             "met",
         ],
@@ -606,7 +618,9 @@ def dynamics_html(run: Run) -> str:
                 d.start,
                 d.final,
                 d.final_ratio,
+                d.tail_start,
                 d.tail_min,
+                d.tail_ratio,
                 f"{d.need}x",
                 "yes" if d.met else "no",
             ]
@@ -825,7 +839,7 @@ def report(cfg: ReportConfig, console: Console | None = None) -> Path:
             console.print(
                 f"{run.label}: dynamics (final / step 0, min over the last 20%): "
                 + "; ".join(
-                    f"{d.key} {_fmt(d.final_ratio)}x / {_fmt(d.tail_ratio)}x (need {d.need}x)"
+                    f"{d.key} {_ratio(d.final_ratio)} / {_ratio(d.tail_ratio)} (need {d.need}x)"
                     for d in rows
                 )
                 + (" — all met" if all(d.met for d in rows) else "")

@@ -747,6 +747,11 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         base = {
             "template_baseline": template_baseline(held),
             "heldout": run_eval(held, 0),
+            # step 0 of the periodic curve: the same problems and seed scheme as every later
+            # `eval/` row, so a curve is compared with its own start (report.dynamics)
+            "periodic": run_eval(held[: cfg.eval_n], 1000)
+            if cfg.eval_every and cfg.eval_n < len(held)
+            else None,
             "real": real_eval() if with_real else None,
             **_pretrain_facts(base_path),
         }
