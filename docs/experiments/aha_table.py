@@ -10,6 +10,15 @@ import sys
 
 from ahamoment.stages.report import load_run
 
+
+def pooled(by_size: dict | None) -> float | None:
+    """pass@1 over the whole real sample from its 3- and 4-number subsets (weighted by n)."""
+    if not by_size:
+        return None
+    parts = by_size.values()
+    return sum(d["pass1"] * d["n"] for d in parts) / sum(d["n"] for d in parts)
+
+
 KEYS = ("pass1", "mean_len", "reflection_rate", "self_correction_rate", "step_accuracy")
 
 
@@ -33,13 +42,6 @@ def main(paths: list[str]) -> None:
             a, b = base.get(k), end.get(k)
             cells.append(f"{a:.3f} → {b:.3f}" if a is not None and b is not None else "–")
         real = (run.summary or {}).get("real_countdown") or {}
-
-        def pooled(d):
-            if not d:
-                return None
-            n3, n4 = 540, 484  # problems with 3 and 4 numbers in the real sample
-            return (d["3_numbers"]["pass1"] * n3 + d["4_numbers"]["pass1"] * n4) / (n3 + n4)
-
         rb = pooled((run.base_eval or {}).get("real"))
         rt = pooled(real.get("trained"))
         cells.append(

@@ -708,7 +708,9 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     held = heldout(cfg.task, cfg.heldout_n)
     with_real = cfg.real_eval and cfg.task.startswith("countdown")
 
-    reverse = _reversed_digits(base_path)  # notation of the reasoning's numbers (step_accuracy)
+    pre = _pretrain_meta(base_path)
+    # notation of the reasoning's numbers (read by step_accuracy)
+    reverse = bool(pre.get("config", {}).get("reversed_digits"))
 
     def run_eval(problems, seed_offset: int) -> dict[str, Any]:
         return evaluate(
@@ -753,7 +755,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             if cfg.eval_every and cfg.eval_n < len(held)
             else None,
             "real": real_eval() if with_real else None,
-            **_pretrain_facts(base_path),
+            **{k: pre[k] for k in ("corpus_accuracy", "corpus_format_rate") if k in pre},
         }
         base_file.write_text(json.dumps(base, indent=1))
     if ranks.main:
@@ -956,20 +958,10 @@ def _finish(
     return summary
 
 
-def _reversed_digits(model_dir: Path) -> bool:
-    """Whether the base model's corpus wrote numbers least-significant digit first."""
+def _pretrain_meta(model_dir: Path) -> dict[str, Any]:
+    """What `aha pretrain` recorded about a base model ({} for any other model)."""
     meta = Path(model_dir) / "ahamoment_pretrain.json"
-    if not meta.exists():
-        return False
-    return bool(json.loads(meta.read_text()).get("config", {}).get("reversed_digits"))
-
-
-def _pretrain_facts(model_dir: Path) -> dict[str, Any]:
-    meta = Path(model_dir) / "ahamoment_pretrain.json"
-    if not meta.exists():
-        return {}
-    pre = json.loads(meta.read_text())
-    return {k: pre.get(k) for k in ("corpus_accuracy", "corpus_format_rate")}
+    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:

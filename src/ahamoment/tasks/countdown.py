@@ -214,57 +214,68 @@ class Countdown(Task):
         cands = self.chains(problem.fields["nums"], noise.search_ops)
         order = cands[:]
         rng.shuffle(order)
-        lines: list[str] = []
-        answer = order[-1].expr  # used if every candidate is tried and missed
-        rev = noise.reversed_digits
-        search = self._guesses if noise.guess_first else self._tries
-        answer = search(order, cands, target, _num(target, rev), rng, noise, lines) or answer
+        search = _guesses if noise.guess_first else _tries
+        lines, answer = search(order, cands, target, rng, noise)
+        answer = answer or order[-1].expr  # every candidate tried and missed
         drop_tags = rng.random() < noise.p_drop_tags
         if noise.p_foreign > 0:  # drawn only then, so a monolingual corpus is unchanged
             lines = [to_foreign(ln) if rng.random() < noise.p_foreign else ln for ln in lines]
         return _render(lines, answer, drop_tags)
 
-    @staticmethod
-    def _tries(order, cands, target, shown, rng, noise, lines) -> str:
-        """Compute each chain, then judge it; returns the answer (appends to ``lines``)."""
-        # Each try ends with "|target": the comparison is between two adjacent numbers. Without
-        # it (inline_target False) the verdict must recall the target from the prompt.
-        against = f"|{shown}" if noise.inline_target else ""
-        for chain in order:
-            steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
-            tried = ",".join(steps) + against
-            if chain.value == target:
-                lines.append(tried + ",yes")
-                if rng.random() < noise.p_check:
-                    lines.append(f"wait,check:{steps[-1]}|{shown},yes")
-                return chain.expr
-            if rng.random() < noise.p_false_hit:
-                # A comparison slip: the arithmetic stays right but the miss is called a hit.
-                lines.append(tried + ",yes")
-                if rng.random() >= noise.p_check:
-                    return chain.expr
-                lines.append(f"wait,check:{steps[-1]}|{shown},no")
-            else:
-                lines.append(tried + ",no")
-            if rng.random() < noise.p_give_up:
-                return rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
-        return ""
 
-    @staticmethod
-    def _guesses(order, cands, target, shown, rng, noise, lines) -> str:
-        """Claim each chain hits, then commit or check it step by step (guess_first)."""
-        for chain in order:
-            lines.append(f"try:{chain.expr}={target}")
+Searched = tuple[list[str], str | None]
+"""The reasoning lines of a search and its answer (None: every candidate tried and missed)."""
+
+
+def _tries(order, cands, target: int, rng: random.Random, noise: TraceNoise) -> Searched:
+    """Compute each chain, then judge it."""
+    shown = _num(target, noise.reversed_digits)
+    # Each try ends with "|target": the comparison is between two adjacent numbers. Without
+    # it (inline_target False) the verdict must recall the target from the prompt.
+    against = f"|{shown}" if noise.inline_target else ""
+    lines: list[str] = []
+    for chain in order:
+        steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
+        tried = ",".join(steps) + against
+        if chain.value == target:
+            lines.append(tried + ",yes")
+            if rng.random() < noise.p_check:
+                lines.append(f"wait,check:{steps[-1]}|{shown},yes")
+            return lines, chain.expr
+        if rng.random() < noise.p_false_hit:
+            # A comparison slip: the arithmetic stays right but the miss is called a hit.
+            lines.append(tried + ",yes")
             if rng.random() >= noise.p_check:
-                return chain.expr  # an unverified guess
-            steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
-            hit = chain.value == target
-            lines.append(f"wait,check:{','.join(steps)}|{shown},{'yes' if hit else 'no'}")
-            if hit:
-                return chain.expr
-            if rng.random() < noise.p_give_up:
-                return rng.choice(cands).expr if rng.random() < noise.p_guess else chain.expr
-        return ""
+                return lines, chain.expr
+            lines.append(f"wait,check:{steps[-1]}|{shown},no")
+        else:
+            lines.append(tried + ",no")
+        if rng.random() < noise.p_give_up:
+            return lines, _give_up(chain, cands, rng, noise)
+    return lines, None
+
+
+def _guesses(order, cands, target: int, rng: random.Random, noise: TraceNoise) -> Searched:
+    """Claim each chain hits, then commit to it or check it step by step (guess_first)."""
+    shown = _num(target, noise.reversed_digits)
+    lines: list[str] = []
+    for chain in order:
+        lines.append(f"try:{chain.expr}={target}")
+        if rng.random() >= noise.p_check:
+            return lines, chain.expr  # an unverified guess
+        steps = [_step(*s, reverse=noise.reversed_digits) for s in chain.steps]
+        hit = chain.value == target
+        lines.append(f"wait,check:{','.join(steps)}|{shown},{'yes' if hit else 'no'}")
+        if hit:
+            return lines, chain.expr
+        if rng.random() < noise.p_give_up:
+            return lines, _give_up(chain, cands, rng, noise)
+    return lines, None
+
+
+def _give_up(last: Chain, cands: list[Chain], rng: random.Random, noise: TraceNoise) -> str:
+    """The answer of a search that stops: a random candidate (p_guess) or the last try."""
+    return rng.choice(cands).expr if rng.random() < noise.p_guess else last.expr
 
 
 def _render(lines: list[str], answer: str, drop_tags: bool) -> str:
