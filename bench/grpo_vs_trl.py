@@ -35,7 +35,15 @@ config with the embedded tokenizer) and ``default`` (the embedded default, built
     python bench/grpo_vs_trl.py --quick              # smoke: 4 prompts x 2, 16 tokens, 1 step
     python bench/grpo_vs_trl.py --models default --repeats 5 --trl-micro-batch 32
 
-The last lines are ``grpo_speedup_llama3m=X`` and ``grpo_speedup=X`` (the embedded default).
+Our side runs twice per repeat. As `aha zero` runs by default, it skips the forward and backward
+of rows whose advantage is exactly 0 (a group with all-equal rewards): with beta 0 they add exactly
+0 to the gradient, so the update is the same (tests/test_policy_update.py checks it), and the
+table gives the share of rows trained. Then with ``skip_zero_adv=False``, training every row as
+TRL does. On ``llama3m`` (random weights) every reward is 0, so the first arm trains nothing and
+measures the rollout alone; the "all rows" ratio is the compute-bound comparison there.
+
+The last lines are ``grpo_speedup_llama3m_all_rows=X``, ``grpo_speedup_all_rows=X``,
+``grpo_speedup_llama3m=X`` and ``grpo_speedup=X`` (the embedded default, as `aha zero` runs).
 """
 
 from __future__ import annotations
@@ -242,7 +250,7 @@ def run_trl(model_dir: Path, problems, sz: Sizes, tmp: str) -> tuple[list[float]
 
 
 # --- ours ---------------------------------------------------------------------------------
-def our_config(model_dir: Path, sz: Sizes) -> ZeroConfig:
+def our_config(model_dir: Path, sz: Sizes, skip_zero_adv: bool = True) -> ZeroConfig:
     return ZeroConfig(
         model=str(model_dir),
         task=TASK,
@@ -267,13 +275,17 @@ def our_config(model_dir: Path, sz: Sizes) -> ZeroConfig:
         overlong="none",
         engine="torch",
         threads=1,
+        skip_zero_adv=skip_zero_adv,
     )
 
 
-def run_ours(model_dir: Path, n_steps: int, sz: Sizes) -> tuple[list[float], list[int], dict]:
+def run_ours(
+    model_dir: Path, n_steps: int, sz: Sizes, skip_zero_adv: bool = True
+) -> tuple[list[float], list[int], dict]:
     """Seconds and completion tokens of each of our steps (the first is the warm-up), plus
-    the time split of the timed steps: rollout+reward, reward alone (re-scored), train."""
-    cfg = our_config(model_dir, sz)
+    the time split of the timed steps: rollout+reward, reward alone (re-scored), train, and
+    the rows trained (summed fraction; ``skip_zero_adv`` skips rows of advantage 0)."""
+    cfg = our_config(model_dir, sz, skip_zero_adv)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     pad_id = tokenizer.pad_token_id
@@ -285,7 +297,7 @@ def run_ours(model_dir: Path, n_steps: int, sz: Sizes) -> tuple[list[float], lis
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = make_engine(cfg.engine, accelerator.unwrap_model(model), tokenizer)  # in-process
     seconds, tokens = [], []
-    split = {"rollout+reward": 0.0, "reward": 0.0, "train": 0.0}
+    split = {"rollout+reward": 0.0, "reward": 0.0, "train": 0.0, "rows": 0.0}
     t_prev = time.perf_counter()
     for s in range(n_steps):
         rng, gen = random.Random(s), torch.Generator().manual_seed(s)
@@ -296,7 +308,7 @@ def run_ours(model_dir: Path, n_steps: int, sz: Sizes) -> tuple[list[float], lis
         adv = adv_fn(torch.tensor(batch.rb.total), cfg.group_size)  # (B,)
         in_loss = torch.ones(len(batch), dtype=torch.bool)  # (B,) no overlong masking
         model.train()
-        policy_update(
+        stats = policy_update(
             model,
             optimizer,
             accelerator,
@@ -316,6 +328,7 @@ def run_ours(model_dir: Path, n_steps: int, sz: Sizes) -> tuple[list[float], lis
         if s > 0:  # outside the clock: how much of the rollout+reward time is the reward
             split["rollout+reward"] += t_roll - t_prev
             split["train"] += t_end - t_roll
+            split["rows"] += stats["train_rows_frac"]
             t0 = time.perf_counter()
             score(batch.problems, batch.gen.texts, weights)
             split["reward"] += time.perf_counter() - t0
@@ -325,28 +338,36 @@ def run_ours(model_dir: Path, n_steps: int, sz: Sizes) -> tuple[list[float], lis
 
 # --- the comparison -----------------------------------------------------------------------
 def compare(name: str, model_dir: Path, sz: Sizes, console: Console) -> dict:
+    """Per repeat: TRL, then ours, then ours training every row (``skip_zero_adv`` off), each
+    of our two runs paired with that repeat's TRL run."""
     n_steps = 1 + sz.steps
     problems = step_problems(sz, n_steps)
-    rows: dict[str, list[tuple[float, int]]] = {"trl": [], "ours": []}
-    split_total = {"rollout+reward": 0.0, "reward": 0.0, "train": 0.0}
-    ratios, settings = [], {}
+    rows: dict[str, list[tuple[float, int]]] = {"trl": [], "ours": [], "all": []}
+    split_total = {"rollout+reward": 0.0, "reward": 0.0, "train": 0.0, "rows": 0.0}
+    ratios: dict[str, list[float]] = {"ours": [], "all": []}
+    settings: dict = {}
     for r in range(sz.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             sec, tok, settings = run_trl(model_dir, problems, sz, tmp)
         trl_s, trl_t = sum(sec[1:]), sum(tok[1:])
-        sec, tok, split = run_ours(model_dir, n_steps, sz)
-        our_s, our_t = sum(sec[1:]), sum(tok[1:])
-        for k in split_total:
-            split_total[k] += split[k]
         rows["trl"].append((trl_s, trl_t))
-        rows["ours"].append((our_s, our_t))
-        ratios.append((our_t / our_s) / (trl_t / trl_s))
-        console.print(
-            f"  {name} repeat {r + 1}/{sz.repeats}: "
-            f"TRL {trl_s / sz.steps:.2f} s/step, {trl_t / sz.steps:.0f} tok/step, "
-            f"{trl_t / trl_s:,.0f} tok/s | ours {our_s / sz.steps:.2f} s/step, "
-            f"{our_t / sz.steps:.0f} tok/step, {our_t / our_s:,.0f} tok/s | ratio {ratios[-1]:.2f}"
+        line = (
+            f"  {name} repeat {r + 1}/{sz.repeats}: TRL {trl_s / sz.steps:.2f} s/step, "
+            f"{trl_t / sz.steps:.0f} tok/step, {trl_t / trl_s:,.0f} tok/s"
         )
+        for arm, skip in (("ours", True), ("all", False)):
+            sec, tok, split = run_ours(model_dir, n_steps, sz, skip_zero_adv=skip)
+            our_s, our_t = sum(sec[1:]), sum(tok[1:])
+            if arm == "ours":
+                for k in split_total:
+                    split_total[k] += split[k]
+            rows[arm].append((our_s, our_t))
+            ratios[arm].append((our_t / our_s) / (trl_t / trl_s))
+            line += (
+                f" | {arm} {our_s / sz.steps:.2f} s/step, {our_t / sz.steps:.0f} tok/step, "
+                f"{our_t / our_s:,.0f} tok/s, ratio {ratios[arm][-1]:.2f}"
+            )
+        console.print(line)
     n_params_ = n_params(load_model(model_dir))
 
     def med(side: str, f) -> float:
@@ -362,7 +383,10 @@ def compare(name: str, model_dir: Path, sz: Sizes, console: Console) -> dict:
         "our_step_s": med("ours", lambda s, t: s / sz.steps),
         "our_len": med("ours", lambda s, t: t / sz.steps / sz.batch),
         "our_tok_s": med("ours", lambda s, t: t / s),
-        "speedup": statistics.median(ratios),
+        "all_step_s": med("all", lambda s, t: s / sz.steps),
+        "all_tok_s": med("all", lambda s, t: t / s),
+        "speedup": statistics.median(ratios["ours"]),
+        "speedup_all": statistics.median(ratios["all"]),
         "split": {k: v / timed for k, v in split_total.items()},
         "trl_settings": settings,
     }
@@ -427,8 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         f"micro_batch={sz.our_micro_batch} optimizer=adamw lr={LR} warmup=0, fp32"
     )
     table = Table(title=f"GRPO step, end to end (median of {sz.repeats} x {sz.steps} steps)")
-    cols = ("model", "params", "TRL s/step", "TRL len", "TRL tok/s")
-    cols += ("ours s/step", "ours len", "ours tok/s", "speedup")
+    cols = ("model", "params", "TRL s/step", "TRL len", "TRL tok/s", "ours s/step", "ours len")
+    cols += ("ours tok/s", "rows trained", "speedup", "all rows s/step", "speedup, all rows")
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
@@ -441,15 +465,26 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['our_step_s']:.2f}",
             f"{r['our_len']:.1f}",
             f"{r['our_tok_s']:,.0f}",
+            f"{r['split']['rows']:.0%}",
             f"{r['speedup']:.2f}x",
+            f"{r['all_step_s']:.2f}",
+            f"{r['speedup_all']:.2f}x",
         )
     console.print(table)
+    console.print(
+        "rows trained: ours skips the forward and backward of rows whose advantage is exactly 0 "
+        "(all-equal groups; with beta 0 they add exactly 0 to the gradient, and TRL computes "
+        "them anyway). 'all rows' turns that off (skip_zero_adv=False)."
+    )
     for r in results:
         sp = r["split"]
         console.print(
             f"ours, {r['name']}, mean s/step: rollout {sp['rollout+reward'] - sp['reward']:.3f}, "
             f"reward {sp['reward']:.3f}, train {sp['train']:.3f}"
         )
+    for r in results:
+        key = "grpo_speedup" if r["name"] == "default" else f"grpo_speedup_{r['name']}"
+        print(f"{key}_all_rows={r['speedup_all']:.2f}")
     for r in results:
         key = "grpo_speedup" if r["name"] == "default" else f"grpo_speedup_{r['name']}"
         print(f"{key}={r['speedup']:.2f}")

@@ -99,7 +99,7 @@ def test_prefill_logits_match_hf_forward(models, arch):
         ids[i, T - len(p) :], valid[i, T - len(p) :] = torch.tensor(p), True
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        ours = S._LlamaLike(model, 3, T).forward(ids, pos, valid, last_only=False)  # (3, T, V)
+        ours = S._LlamaLike(model).forward(ids, pos, valid, last_only=False)  # (3, T, V)
         for i, p in enumerate(prompts):
             ref = model(torch.tensor([p])).logits[0]  # (len(p), V), unpadded
             # float32, same modules, different attention kernels: differences are ~1e-6
@@ -467,8 +467,8 @@ def test_interleaved_groups_with_ragged_retirement_equal_each_row_alone(models, 
 def test_shared_prompt_cache_is_kept_once_per_prompt(models):
     model = models["llama"]
     prompts = _prompts(3, seed=2)
-    runner = S._LlamaLike(model, 3, max(len(p) for p in prompts))
-    ids = torch.zeros((3, runner.kp.shape[3]), dtype=torch.long)
+    runner = S._LlamaLike(model)
+    ids = torch.zeros((3, max(len(p) for p in prompts)), dtype=torch.long)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for i, p in enumerate(prompts):
         ids[i, ids.shape[1] - len(p) :], valid[i, ids.shape[1] - len(p) :] = torch.tensor(p), True

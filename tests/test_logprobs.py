@@ -1,10 +1,30 @@
-"""Shared-prompt log-probs equal one unpadded full forward per row, in value and gradient."""
+"""Shared-prompt log-probs equal one unpadded full forward per row, in value and gradient.
 
+Every test runs on both ways of computing them: ``packed`` (the default for Llama-style models:
+completions concatenated with no padding, attention per row) and ``hf`` (the model's own
+forward over the gathered prompt cache and padded completions)."""
+
+import copy
 import random
 
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from ahamoment import logprobs as LP
 from ahamoment.logprobs import completion_logprobs, completion_logprobs_full
+
+
+@pytest.fixture(params=["packed", "hf"], autouse=True)
+def path(request, monkeypatch):
+    if request.param == "hf":
+        monkeypatch.setattr(LP, "_packable", lambda model, prompts, completions: None)
+    else:  # make sure the packed path is the one under test
+        real = LP._packable
+        monkeypatch.setattr(
+            LP, "_packable", lambda *a: real(*a) or pytest.fail("packed path not taken")
+        )
+    return request.param
 
 
 def _batch(vocab, seed=0):
@@ -72,3 +92,58 @@ def test_width_pads_only_to_the_longest_row_given(tiny_model):
     assert part.shape == (len(short), W)
     torch.testing.assert_close(part, full[short, :W], atol=1e-5, rtol=1e-5)
     assert torch.equal(pmask, mask[short, :W])
+
+
+def _gqa(kind: str):
+    """2 layers, 4 query heads over 2 key/value heads; Qwen2 adds q/k/v biases."""
+    shape = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shape))
+    return Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_query_models_match_in_value_and_gradient(kind):
+    model = _gqa(kind)
+    p, c = _batch(64, seed=4)
+    c[1], c[4] = [9], []  # a one-token and an empty completion: nothing in the stream
+    weights = torch.randn(len(c), 6)
+    out = {}
+    for name, fn in (("ours", completion_logprobs), ("ref", completion_logprobs_full)):
+        model.zero_grad()
+        logp, mask = fn(model, p, c, temperature=0.7)[:2]
+        (logp * weights[:, : logp.shape[1]] * mask).sum().backward()
+        out[name] = logp.detach(), mask, [q.grad.clone() for q in model.parameters()]
+    torch.testing.assert_close(out["ours"][0], out["ref"][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["ours"][1], out["ref"][1])
+    for a, b in zip(out["ours"][2], out["ref"][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_adapters_get_the_same_gradients(tiny_model):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = peft.get_peft_model(copy.deepcopy(tiny_model), config)
+    for n, q in model.named_parameters():  # B starts at 0: move it so A gets a gradient too
+        if "lora_B" in n:
+            torch.nn.init.normal_(q, std=0.1)
+    p, c = _batch(tiny_model.config.vocab_size, seed=5)
+    grads = {}
+    for name, fn in (("ours", completion_logprobs), ("ref", completion_logprobs_full)):
+        model.zero_grad()
+        logp, mask = fn(model, p, c)[:2]
+        (logp * mask).sum().backward()
+        grads[name] = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+    assert grads["ours"] and all("lora_" in n for n in grads["ours"])
+    for n, g in grads["ours"].items():
+        torch.testing.assert_close(g, grads["ref"][n], atol=1e-5, rtol=1e-4)

@@ -214,3 +214,77 @@ def test_default_micro_batch_is_one_group() -> None:
     for key in ("clip_frac", "kl", "entropy", "train_tokens", "sampler_mismatch"):
         a, b = LAST_STATS[("grpo", 1, 0)][key], LAST_STATS[("grpo", 1, 8)][key]
         assert abs(a - b) < 1e-5, key
+
+
+def _adamw_run(loss: str, advs: list[list[float]], skip: bool, minibatches: int = 1):
+    """Weights, AdamW state and stats after one `policy_update` per advantage list, no KL."""
+    model = copy.deepcopy(_model())
+    cfg = ZeroConfig(
+        prompts_per_step=2,
+        group_size=4,
+        minibatches=minibatches,
+        max_new_tokens=6,
+        overlong_buffer=4,
+        loss=loss,
+        kl_coef=0.0,
+        skip_zero_adv=skip,
+        max_grad_norm=1.0,
+    )
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    stats = []
+    for adv in advs:
+        with torch.no_grad():
+            old = (
+                _rollout().logprobs(model, list(range(8)), 1.0, PAD)[0] if minibatches > 1 else None
+            )
+        stats.append(
+            policy_update(
+                model,
+                optimizer,
+                accelerator,
+                _rollout(),
+                torch.tensor(adv, dtype=F64),
+                old,
+                None,
+                torch.ones(8, dtype=torch.bool),
+                cfg.loss_config(),
+                cfg,
+                torch.Generator().manual_seed(11),
+                PAD,
+            )
+        )
+    state = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    weights = {
+        k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()
+    }
+    return weights, state, stats
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+@pytest.mark.parametrize("loss", NAMES)
+def test_skipping_zero_advantage_rows_gives_the_same_update(loss: str, minibatches: int) -> None:
+    # step 1: the second group has all-equal rewards (advantage exactly 0); step 2: every row
+    # has advantage 0, so nothing is trained, yet AdamW's moments and weight decay still move
+    advs = [[0.9, -0.4, 1.3, -1.8, 0.0, 0.0, 0.0, 0.0], [0.0] * 8]
+    w_skip, m_skip, st_skip = _adamw_run(loss, advs, skip=True, minibatches=minibatches)
+    w_all, m_all, st_all = _adamw_run(loss, advs, skip=False, minibatches=minibatches)
+    for k in w_all:
+        torch.testing.assert_close(w_skip[k], w_all[k], atol=1e-10, rtol=1e-8)
+    for a, b in zip(m_skip, m_all):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert [s["train_rows_frac"] for s in st_skip] == [0.5, 0.0]
+    assert [s["train_rows_frac"] for s in st_all] == [1.0, 1.0]
+    assert st_skip[0]["loss"] == pytest.approx(st_all[0]["loss"], abs=1e-6)  # float32 log-probs
+    before = _model().state_dict()
+    assert any(not torch.equal(w_skip[k], before[k]) for k in before)  # step 2 still moved
+
+
+def test_a_kl_term_or_a_plugin_loss_is_never_skipped(monkeypatch) -> None:
+    from ahamoment.rl import losses
+
+    advs = [[0.9, -0.4, 1.3, -1.8, 0.0, 0.0, 0.0, 0.0]]
+    monkeypatch.delattr(losses.grpo_loss, "advantage_only")  # as a plugin without the flag
+    assert _adamw_run("grpo", advs, skip=True)[2][0]["train_rows_frac"] == 1.0

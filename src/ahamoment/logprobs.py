@@ -1,13 +1,21 @@
 """Trainer-side log-probs of completions, computing each distinct prompt once.
 
-In GRPO every prompt appears G times in a rollout batch. The prompt is run once, its KV cache
-is gathered to the G rows that share it (a differentiable index), and only the completions
-are run on top. Gradients through the prompt are the same as with G full forwards (a test
-checks it), at a fraction of the compute: on the embedded model the prompt is ~2/3 of the
-tokens of a row.
+In GRPO every prompt appears G times in a rollout batch. The prompt is run once and only the
+completions run on top of its keys and values; gradients through the prompt are the same as
+with G full forwards (a test checks it). Two ways to do that:
+
+- packed (Llama/Qwen2/Mistral, the default there): the completions are concatenated into one
+  stream with no padding at all, (N, C) with N the number of tokens that predict something
+  (each row's last token predicts nothing and is left out). Projections and MLPs run on the
+  stream as one matmul each; only attention runs per row, over its prompt's keys and its own
+  causal keys. A batch of completions of mixed lengths costs its real tokens, not rows x the
+  longest: in GRPO rollouts padding was 44-76% extra tokens per group.
+- HF shared prefix (any other decoder, and DDP-wrapped models, whose gradient sync needs the
+  wrapper's own forward): the prompt's KV cache is gathered to the rows that share it with a
+  differentiable index and the right-padded completions run through the model's forward.
 
 With gradient checkpointing on (and gradients enabled), transformers turns the KV cache off,
-so each row then runs prompt + completion in one forward (``_joint_logprobs``; same values).
+so each row then runs prompt + completion in one forward (``_joint_logits``; same values).
 Inputs are built on the model's device.
 """
 
@@ -16,7 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from ahamoment import decoder
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +73,104 @@ def completion_logprobs(
     if _checkpointing(model) and torch.is_grad_enabled():
         logits, ids_c, mask = _joint_logits(model, prompts, completions, pad_id, width, device)
         return _from_logits(logits, ids_c, mask, temperature, with_entropy)
+    lm = _packable(model, prompts, completions)
+    if lm is not None:
+        return _packed(lm, prompts, completions, temperature, pad_id, with_entropy, width)
+    return _shared_prefix(model, prompts, completions, temperature, pad_id, with_entropy, width)
+
+
+def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module | None:
+    """The HF causal LM to run packed (inside a peft wrapper if any), or None."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None  # its gradient sync is armed by its own forward
+    get_base = getattr(model, "get_base_model", None)  # peft: adapters stay in the layers
+    lm = get_base() if callable(get_base) else model
+    if not decoder.supports(lm):
+        return None
+    longest = max((len(p) + len(c) for p, c in zip(prompts, completions)), default=0)
+    return lm if decoder.fits_window(lm, longest) else None
+
+
+def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entropy, width):
+    """Packed log-probs (see the module docstring); same returns as ``completion_logprobs``."""
+    device = next(lm.parameters()).device
+    B = len(prompts)
+    uniq: dict[tuple[int, ...], int] = {}
+    row_u = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    ids_p, attn_p = (t.to(device) for t in left_pad(list(uniq), pad_id))  # (U, Lp)
+    valid = attn_p.bool()
+    pos_p = (attn_p.cumsum(-1) - 1).clamp(min=0)
+    hp, keys, values = decoder.prefill(lm, ids_p, pos_p, valid)  # (U, Lp, C), (U, Hkv, Lp, D)
+    Lp = ids_p.shape[1]
+
+    # the stream: each row's tokens but its last, at positions len(prompt) + j
+    lens = [len(c) for c in completions]
+    seg = [(i, len(prompts[i]), n - 1) for i, n in enumerate(lens) if n > 1]  # (row, lp, m)
+    stream = [t for c in completions if len(c) > 1 for t in c[:-1]]
+    pos = [lp + j for _, lp, m in seg for j in range(m)]
+    N = len(stream)
+    h = lm.model.embed_tokens(torch.tensor(stream, dtype=torch.long, device=device))  # (N, C)
+    cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
+    cos, sin = cos[0], sin[0]  # (N, D)
+    masks = {}  # (lp, m) -> (m, lp + m) bool: the whole prompt, then causal
+    for _, lp, m in seg:
+        if (lp, m) not in masks:
+            j = torch.arange(lp + m, device=device)
+            masks[lp, m] = j[None, :] <= torch.arange(m, device=device)[:, None] + lp
+    for li, layer in enumerate(lm.model.layers):
+        attn = layer.self_attn
+        q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (N, H|Hkv, D)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H|Hkv, N, D)
+        gqa = k.shape[0] != q.shape[0]
+        outs, s = [], 0
+        for i, lp, m in seg:
+            u = row_u[i]
+            kk = torch.cat([keys[li][u, :, Lp - lp :], k[:, s : s + m]], dim=1)  # (Hkv, lp+m, D)
+            vv = torch.cat([values[li][u, :, Lp - lp :], v[:, s : s + m]], dim=1)
+            o = F.scaled_dot_product_attention(
+                q[:, s : s + m], kk, vv, attn_mask=masks[lp, m], scale=attn.scaling, enable_gqa=gqa
+            )  # (H, m, D)
+            outs.append(o)
+            s += m
+        o = torch.cat(outs, dim=1) if outs else q[:, :0]  # (H, N, D)
+        h = h + attn.o_proj(o.transpose(0, 1).reshape(N, o.shape[0] * o.shape[2]))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+    # predicting positions: each row's prompt end (token 0), then its stream (tokens 1..)
+    hid = torch.cat([hp[:, -1], h])  # (U + N, C)
+    src, tgt, r_idx, c_idx, s = [], [], [], [], 0
+    for i, n in enumerate(lens):
+        if n == 0:
+            continue
+        src += [row_u[i]] + list(range(len(uniq) + s, len(uniq) + s + n - 1))
+        s += n - 1
+        tgt += completions[i]
+        r_idx += [i] * n
+        c_idx += range(n)
+    Lc = max([width, *lens])
+    mask = torch.zeros((B, Lc), device=device)
+    logp = torch.zeros((B, Lc), device=device)
+    entropy = torch.zeros((B, Lc), device=device) if with_entropy else None
+    if not src:
+        return logp, mask, entropy
+    at = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
+    mask[at] = 1.0
+    logits = lm.lm_head(lm.model.norm(hid[torch.tensor(src, device=device)]))  # (T, V)
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
+    picked = logp_all.gather(-1, torch.tensor(tgt, device=device)[:, None]).squeeze(-1)
+    logp = logp.index_put(at, picked)  # (B, Lc), differentiable
+    if entropy is not None:
+        with torch.no_grad():
+            lp = logp_all.detach()
+            entropy[at] = -(lp.exp() * lp).sum(-1)
+    return logp, mask, entropy
+
+
+def _shared_prefix(
+    model, prompts, completions, temperature: float, pad_id: int, with_entropy, width
+):
+    """HF forward: the prompts' KV cache gathered to their rows, then the padded completions."""
+    device = next(model.parameters()).device
     uniq: dict[tuple[int, ...], int] = {}
     row_prompt = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
     ids_p, attn_p = (t.to(device) for t in left_pad(list(uniq), pad_id))  # (U, Lp)

@@ -261,3 +261,9 @@ def gspo_loss(
 
 gspo_loss.clip = (3e-4, 4e-4)  # type: ignore[attr-defined]  # the GSPO paper's range
 gspo_loss.sequence_level = True  # type: ignore[attr-defined]  # its clip_frac is over sequences
+
+# Without a KL term each built-in loss is the advantage times a function of the ratio, so a row
+# whose advantage is exactly 0 adds exactly 0 to the loss and its gradient: `aha zero` skips
+# such rows' forward and backward. A plugin loss without this attribute is never skipped.
+for _fn in (grpo_loss, dr_grpo_loss, dapo_loss, gspo_loss):
+    _fn.advantage_only = True  # type: ignore[attr-defined]

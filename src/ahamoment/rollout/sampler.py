@@ -28,10 +28,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ahamoment import decoder
 from ahamoment.rollout.base import (
     ENGINES,
     Completion,
@@ -91,16 +90,16 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 
 class _LlamaLike:
-    """A functional forward over a Llama/Qwen2-style HF model with a preallocated KV cache.
+    """A functional forward over a Llama/Qwen2-style HF model with its own KV cache.
 
     Reuses the model's own modules (norms, projections, rotary embedding, MLP), so weights
     and RoPE variants stay exactly those of transformers; only the cache and the loop are ours.
     Sliding-window attention is not implemented: such models run on ``_HFCache`` once a
-    sequence could exceed the window (see ``_fits_window``).
+    sequence could exceed the window (see ``decoder.fits_window``).
 
     The cache has two parts. The prompt part (L, U, Hkv, Lp, D) is kept once per distinct
     prompt (a GRPO group of G rows shares one), filled by the prefill. The completion part
-    (L, U, Hkv, G, T, D) is a grid of slots, G per prompt (``start``); a slot without a row
+    (L, NB, U, Hkv, G, BLOCK, D), in blocks of time, is a grid of slots, G per prompt (``start``); a slot without a row
     (ragged groups) or whose row finished decodes padding until the next compaction
     (``retire``). A decoding step scores the group's queries against its prompt's keys as one
     matmul, (U, Hkv, G*rep, D) x (U, Hkv, D, Lp), concatenates each row's own completion
@@ -109,10 +108,15 @@ class _LlamaLike:
     gaps), each row gets its own copy of its prompt's cache (G = 1).
     """
 
-    SUPPORTED = ("llama", "qwen2", "mistral")
+    BLOCK = 32
+    """Completion-cache columns per block. Each block (U, Hkv, G, BLOCK, D) is contiguous, so a
+    decoding step streams through the cache block by block. Slicing the first t columns of one
+    (.., T, D) cache per row instead leaves a gap after every row; once the cache outgrows the
+    CPU caches that is slower: 128 rows x 128 tokens on the embedded model took 1.34 s against
+    1.05 s in blocks of 32 (16: 1.10 s, 64: 1.05 s)."""
 
-    def __init__(self, model: PreTrainedModel, batch: int, max_len: int) -> None:
-        """``batch`` prompts of at most ``max_len`` tokens (the prefill's shape)."""
+    def __init__(self, model: PreTrainedModel) -> None:
+        """The prompt cache comes from ``prefill``, the completion cache from ``start``."""
         self.model = model
         inner = model.model
         self.layers = inner.layers
@@ -124,46 +128,25 @@ class _LlamaLike:
         self.rep = self.n_heads // self.n_kv
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
-        self.kp = torch.zeros(shape, dtype=param.dtype, device=param.device)  # (L, U, Hkv, Lp, D)
-        self.vp = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.pvalid = torch.zeros((batch, max_len), dtype=torch.bool, device=param.device)
+        shape = (len(self.layers), 0, self.n_kv, 0, self.head_dim)
+        self.kp = self.vp = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.pvalid = torch.zeros((0, 0), dtype=torch.bool, device=param.device)
         self.t = 0  # completion columns filled
         self.k = self.v = self.kp[:, :0]  # the completion cache, once ``start`` ran
         self.U = self.G = 0
 
     @classmethod
     def supports(cls, model: PreTrainedModel) -> bool:
-        return getattr(model.config, "model_type", "") in cls.SUPPORTED and hasattr(model, "model")
+        return decoder.supports(model)
 
     def prefill(
         self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, last_only: bool = True
     ) -> torch.Tensor:
         """ids, pos, valid: (U, S) left-padded prompts; returns last-position logits (U, V),
         or (U, S, V). Fills the prompt cache."""
-        U, S = ids.shape
-        self.pvalid = self.pvalid[:U, :S].clone()
-        self.pvalid[:] = valid
-        self.kp, self.vp = self.kp[:, :U, :, :S], self.vp[:, :U, :, :S]
-        h = self.model.model.embed_tokens(ids)  # (U, S, C)
-        cos, sin = self.model.model.rotary_emb(h, pos)
-        causal = torch.ones((S, S), dtype=torch.bool, device=ids.device).tril()
-        mask = causal[None, None] & valid[:, None, None, :]
-        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
-        for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)  # (U, H, S, D)
-            k = attn.k_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)  # (U, Hkv, S, D)
-            v = attn.v_proj(x).view(U, S, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.kp[li], self.vp[li] = k, v
-            kk, vv = k, v
-            if self.rep > 1:
-                kk, vv = kk.repeat_interleave(self.rep, 1), vv.repeat_interleave(self.rep, 1)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(U, S, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h, keys, values = decoder.prefill(self.model, ids, pos, valid)
+        self.kp, self.vp = torch.stack(keys), torch.stack(values)  # (L, U, Hkv, S, D)
+        self.pvalid = valid.clone()
         if last_only:
             h = h[:, -1]
         return self.model.lm_head(self.model.model.norm(h))
@@ -217,15 +200,15 @@ class _LlamaLike:
             new_g[order] = torch.arange(n, device=src.device) - start[inv[order]]
             new_u, pick, U = inv, used, len(used)
         L, _, Hkv, _, D = self.kp.shape
-        shape = (L, U, Hkv, G, self.T, D)
-        make = torch.zeros if U * G > n else torch.empty  # gaps: zeros, never NaN
-        k = make(shape, dtype=self.dtype, device=self.device)
-        v = make(shape, dtype=self.dtype, device=self.device)
+        shape = (L, -(-self.T // self.BLOCK), U, Hkv, G, self.BLOCK, D)
+        # zeros, never NaN: gaps and not yet written columns are read (with probability 0)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if not force and self.t:
-            old_g = src - u * self.G
-            k[:, new_u, :, new_g, : self.t] = self.k[:, u, :, old_g, : self.t]
-            v[:, new_u, :, new_g, : self.t] = self.v[:, u, :, old_g, : self.t]
-        self.k, self.v = k, v  # (L, U, Hkv, G, T, D)
+            old_g, nb = src - u * self.G, -(-self.t // self.BLOCK)  # blocks written so far
+            k[:, :nb, new_u, :, new_g] = self.k[:, :nb, u, :, old_g]
+            v[:, :nb, new_u, :, new_g] = self.v[:, :nb, u, :, old_g]
+        self.k, self.v = k, v  # (L, NB, U, Hkv, G, BLOCK, D)
         self.kp, self.vp, self.pvalid = self.kp[:, pick], self.vp[:, pick], self.pvalid[pick]
         bias = torch.zeros(self.pvalid.shape, dtype=self.dtype, device=self.device)
         self.pbias = bias.masked_fill(~self.pvalid, float("-inf"))[:, None, None, :]  # (U,1,1,Lp)
@@ -236,29 +219,31 @@ class _LlamaLike:
         """ids, pos: (U*G,) one new token per slot; returns logits (U*G, V)."""
         U, G, t = self.U, self.G, self.t
         S = U * G
-        H, Hkv, rep, D = self.n_heads, self.n_kv, self.rep, self.head_dim
+        Hkv, rep, D = self.n_kv, self.rep, self.head_dim
+        blk, col = divmod(t, self.BLOCK)
+        nb = blk + 1  # blocks holding columns 0..t
+        tail = torch.zeros(nb * self.BLOCK, dtype=self.dtype, device=self.device)
+        tail[t + 1 :] = float("-inf")  # the last block's columns not yet written
         h = self.model.model.embed_tokens(ids[:, None])  # (S, 1, C)
         cos, sin = self.model.model.rotary_emb(h, pos[:, None])
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(S, 1, H, D).transpose(1, 2)  # (S, H, 1, D)
-            k = attn.k_proj(x).view(S, 1, Hkv, D).transpose(1, 2)  # (S, Hkv, 1, D)
-            v = attn.v_proj(x).view(S, 1, Hkv, D).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.k[li, :, :, :, t] = k.view(U, G, Hkv, D).transpose(1, 2)
-            self.v[li, :, :, :, t] = v.view(U, G, Hkv, D).transpose(1, 2)
+            q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (S, 1, H|Hkv, D)
+            self.k[li, blk, :, :, :, col] = k.view(U, G, Hkv, D).transpose(1, 2)
+            self.v[li, blk, :, :, :, col] = v.view(U, G, Hkv, D).transpose(1, 2)
             # (U, Hkv, G, rep, D): head h of a row uses kv head h // rep
             qg = (q.reshape(U, G, Hkv, rep, D).transpose(1, 2) * attn.scaling).contiguous()
-            kc, vc = self.k[li, ..., : t + 1, :], self.v[li, ..., : t + 1, :]  # (U, Hkv, G, t+1, D)
-            s_c = qg @ kc.transpose(-1, -2)  # (U, Hkv, G, rep, t+1): each row's own tokens
+            # each row's own tokens, block by block: (U, Hkv, G, rep, nb*BLOCK)
+            kb, vb = self.k[li], self.v[li]  # (NB, U, Hkv, G, BLOCK, D)
+            s_c = torch.cat([qg @ kb[j].transpose(-1, -2) for j in range(nb)], dim=-1)
             # the prompt's keys, once per group: (U, Hkv, G*rep, D) x (U, Hkv, D, Lp)
             s_p = qg.view(U, Hkv, G * rep, D) @ self.kp[li].transpose(-1, -2) + self.pbias
             Lp = s_p.shape[-1]
-            s = torch.cat([s_p.view(U, Hkv, G, rep, Lp), s_c], dim=-1)
+            s = torch.cat([s_p.view(U, Hkv, G, rep, Lp), s_c + tail], dim=-1)
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(qg.dtype)
-            o = p[..., Lp:] @ vc  # (U, Hkv, G, rep, D)
-            o = o + (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li]).view(o.shape)
+            o = (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li]).view(qg.shape)
+            for j in range(nb):  # (U, Hkv, G, rep, D)
+                o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j]
             o = o.transpose(1, 2).reshape(S, 1, -1)  # (S, 1, H*D), heads in model order
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -266,17 +251,15 @@ class _LlamaLike:
         return self.model.lm_head(self.model.model.norm(h[:, 0]))
 
 
-def _fits_window(model: PreTrainedModel, max_len: int) -> bool:
-    """True unless some layer uses sliding-window attention shorter than ``max_len``."""
-    for layer in model.model.layers:
-        window = getattr(layer.self_attn, "sliding_window", None)
-        if window and max_len > window:
-            return False
-    return True
-
-
 class _HFCache:
     """Fallback for other architectures: transformers' own DynamicCache."""
+
+    BLOCK = 32
+    """Completion-cache columns per block. Each block (U, Hkv, G, BLOCK, D) is contiguous, so a
+    decoding step streams through the cache block by block. Slicing the first t columns of one
+    (.., T, D) cache per row instead leaves a gap after every row; once the cache outgrows the
+    CPU caches that is slower: 128 rows x 128 tokens on the embedded model took 1.34 s against
+    1.05 s in blocks of 32 (16: 1.10 s, 64: 1.05 s)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -392,8 +375,8 @@ def _decode(
         valid[i, max_prompt - len(p) :] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = max_prompt + int(max_new.max())
-    if _LlamaLike.supports(model) and _fits_window(model, max_len):
-        runner: _LlamaLike | _HFCache = _LlamaLike(model, U, max_prompt)
+    if _LlamaLike.supports(model) and decoder.fits_window(model, max_len):
+        runner: _LlamaLike | _HFCache = _LlamaLike(model)
     else:
         runner = _HFCache(model)
     logits = runner.forward(input_ids, positions, valid)[row_prompt]  # (B, V)

@@ -143,7 +143,9 @@ class ZeroConfig:
     epochs: int = 1
     """μ: passes over each rollout batch."""
     micro_batch: int = 0
-    """Sequences per forward/backward inside a minibatch (gradient accumulation), each padded to its own longest completion; 0: one group (group_size rows, one prompt) when it divides the minibatch, else the whole minibatch."""
+    """Sequences per forward/backward inside a minibatch (gradient accumulation); Llama-style models run them packed (no padding), others padded to the micro-batch's longest completion; 0: one group (group_size rows, one prompt) when it divides the minibatch, else the whole minibatch."""
+    skip_zero_adv: bool = True
+    """Skip the forward and backward of rows whose advantage is exactly 0 (all-equal groups) when kl_coef is 0: they add exactly 0 to the gradient, so the update is the same; entropy, clip fraction and sampler mismatch are then logged over the rows trained (train_rows_frac says how many)."""
     eps_low: float | None = None
     """Ratio clip below 1; empty: the loss's own (0.2; gspo 3e-4). R1's stage-1 used 10 (>= 1: no lower clip)."""
     eps_high: float | None = None
@@ -459,6 +461,12 @@ def policy_update(
     mb = B // cfg.minibatches
     micro = cfg.micro_batch or (cfg.group_size if mb % cfg.group_size == 0 else mb)
     mis_sum, mis_n = 0.0, 0.0
+    skip = (
+        (adv == 0).tolist()
+        if cfg.skip_zero_adv and ref_logp is None and getattr(loss_fn, "advantage_only", False)
+        else [False] * B
+    )
+    n_live = 0
     for _epoch in range(cfg.epochs):
         order = torch.randperm(B, generator=gen) if cfg.minibatches > 1 else torch.arange(B)
         for m in range(cfg.minibatches):
@@ -468,11 +476,14 @@ def policy_update(
                 seqs=float(len(rows)),
                 tokens=max(1.0, float(sum(batch.gen.lengths[r] for r in rows if in_loss[r]))),
             )
-            mine = [rows[i] for i in ranks.piece(len(rows))]
+            # rows that add exactly 0 to the gradient need no forward (cfg.skip_zero_adv)
+            live = [r for r in rows if not skip[r]]
+            n_live += len(live)
+            mine = [live[i] for i in ranks.piece(len(live))]
             chunks: list[list[int] | None] = [
                 mine[c : c + micro] for c in range(0, len(mine), micro)
             ]
-            n_calls = max(-(-len(ranks.piece(len(rows), r)) // micro) for r in range(ranks.world))
+            n_calls = max(-(-len(ranks.piece(len(live), r)) // micro) for r in range(ranks.world))
             chunks += [None] * (n_calls - len(chunks))  # zero-weight passes, see the docstring
             # [loss, clip units x frac, units, kl x tokens, entropy x tokens, tokens, tis x tokens]
             sums = [0.0] * 7
@@ -518,6 +529,9 @@ def policy_update(
             if mismatch is None:  # over the first minibatch, before any update
                 mis_sum, mis_n = ranks.sum([mis_sum, mis_n])
                 mismatch = mis_sum / max(mis_n, 1.0)
+            for p in model.parameters():  # nothing trained: a zero gradient, not none, so
+                if p.requires_grad and p.grad is None:  # AdamW's moments move as without skips
+                    p.grad = torch.zeros_like(p)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -533,6 +547,7 @@ def policy_update(
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["sampler_mismatch"] = mismatch if mismatch is not None else 0.0
     out["train_tokens"] = int(n_tokens)
+    out["train_rows_frac"] = n_live / max(1, B * cfg.epochs)
     return out
 
 

@@ -1,0 +1,70 @@
+"""Functional pieces over a Llama/Qwen2/Mistral-style transformers decoder.
+
+The sampler (``rollout/sampler.py``) and the trainer's packed log-probs (``logprobs.py``) run
+the model's own modules (norms, projections, rotary embedding, MLP) in loops of their own: the
+weights, RoPE variants and adapters (peft) stay exactly those of the HF model, only the batch
+layout is ours. Both share the attention projections and the prompt forward defined here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """A causal LM whose layers these functions can run (``model.model.layers``)."""
+    return getattr(getattr(model, "config", None), "model_type", "") in SUPPORTED and hasattr(
+        model, "model"
+    )
+
+
+def fits_window(model: PreTrainedModel, max_len: int) -> bool:
+    """True unless some layer uses sliding-window attention shorter than ``max_len``."""
+    for layer in model.model.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window and max_len > window:
+            return False
+    return True
+
+
+def qkv(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotated queries (..., S, H, D) and keys, and values (..., S, Hkv, D), from the normed
+    hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb."""
+    D = attn.head_dim
+    q = attn.q_proj(x).unflatten(-1, (-1, D))
+    k = attn.k_proj(x).unflatten(-1, (-1, D))
+    v = attn.v_proj(x).unflatten(-1, (-1, D))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
+    return q, k, v
+
+
+def prefill(
+    model: PreTrainedModel, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Forward of left-padded prompts ids, pos, valid (U, S): the last layer's hidden states
+    (U, S, C), before the final norm, and each layer's keys and values (U, Hkv, S, D).
+    Differentiable (the trainer backpropagates through it); the sampler calls it under no_grad."""
+    U, S = ids.shape
+    h = model.model.embed_tokens(ids)  # (U, S, C)
+    cos, sin = model.model.rotary_emb(h, pos)
+    causal = torch.ones((S, S), dtype=torch.bool, device=ids.device).tril()
+    mask = causal[None, None] & valid[:, None, None, :]
+    mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
+    keys, values = [], []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        q, k, v = qkv(attn, layer.input_layernorm(h), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (U, H|Hkv, S, D)
+        keys.append(k)
+        values.append(v)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(U, S, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, keys, values
