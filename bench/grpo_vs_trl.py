@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    console = Console(width=120)
+    console = Console(width=160)
 
     import transformers
     import trl

@@ -128,9 +128,14 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
             kk = torch.cat([keys[li][u, :, Lp - lp :], k[:, s : s + m]], dim=1)  # (Hkv, lp+m, D)
             vv = torch.cat([values[li][u, :, Lp - lp :], v[:, s : s + m]], dim=1)
             o = F.scaled_dot_product_attention(
-                q[:, s : s + m], kk, vv, attn_mask=masks[lp, m], scale=attn.scaling, enable_gqa=gqa
-            )  # (H, m, D)
-            outs.append(o)
+                q[None, :, s : s + m],
+                kk[None],
+                vv[None],
+                attn_mask=masks[lp, m],
+                scale=attn.scaling,
+                enable_gqa=gqa,
+            )  # (1, H, m, D): 4-d inputs take the fused CPU kernel
+            outs.append(o[0])
             s += m
         o = torch.cat(outs, dim=1) if outs else q[:, :0]  # (H, N, D)
         h = h + attn.o_proj(o.transpose(0, 1).reshape(N, o.shape[0] * o.shape[2]))

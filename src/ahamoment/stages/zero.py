@@ -19,7 +19,11 @@ How this differs from GRPO as published (DeepSeekMath / DeepSeek-R1):
   batch makes several optimizer steps; with exactly one step they are the current log-probs,
   detached (ratio 1, identical gradient). The sampler's own log-probs are a diagnostic
   (``sampler_mismatch``), and with ``--tis-cap C`` the truncated importance weight
-  min(exp(old - sampler), C) of each token's policy-gradient term (``rl/tis.py``).
+  min(exp(old - sampler), C) of each token's policy-gradient term (``rl/tis.py``);
+- with β = 0, rows whose advantage is exactly 0 (all-equal groups) skip their forward and
+  backward: they add exactly 0 to the gradient, so the update is unchanged, but entropy, clip
+  fraction and sampler mismatch are then logged over the rows trained (``--skip-zero-adv``);
+- trainer log-probs of Llama-style models run packed, with no padding (``logprobs.py``).
 
 Several processes (`accelerate launch` / `torchrun`; see ``distributed.py``): the P prompts of a
 sampling round are cut into seed blocks dealt to the ranks, each block sampled under its own
