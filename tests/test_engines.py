@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from ahamoment.rollout import (
     ENGINES,
@@ -30,32 +29,11 @@ from ahamoment.rollout import (
 )
 from ahamoment.rollout import sampler as S
 from ahamoment.rollout.vllm_engine import completion_from_vllm
+from tests_support import GQA_VOCAB, gqa_llama, gqa_qwen2
 
-V = 64
+V = GQA_VOCAB
 ALPHA = 1e-3  # chi-square significance: a correct sampler fails a test with probability 1e-3
-
-
-# Shared shape: 2 layers, 4 query heads over 2 key/value heads (grouped-query attention).
-_SHAPE = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-)
-
-
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**_SHAPE)).eval()
-
-
-def _qwen2() -> Qwen2ForCausalLM:
-    torch.manual_seed(1)
-    return Qwen2ForCausalLM(Qwen2Config(**_SHAPE, tie_word_embeddings=False)).eval()
+_llama, _qwen2 = gqa_llama, gqa_qwen2  # Llama and Qwen2 with grouped-query attention
 
 
 @pytest.fixture(scope="module")
@@ -462,6 +440,30 @@ def test_interleaved_groups_with_ragged_retirement_equal_each_row_alone(models, 
         torch.testing.assert_close(
             torch.tensor(o.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0
         )
+
+
+def test_cache_memory_is_read_only_once_written_or_zeroed(models, monkeypatch):
+    # The completion cache is allocated with torch.empty and a block is zeroed only when
+    # decoding enters it. Fill every torch.empty with NaN: a read of memory that was neither
+    # written nor zeroed would turn outputs into NaN or change tokens. Caps cross several
+    # blocks (BLOCK 32), with compactions inside a block and on a block boundary.
+    model = models["llama"]
+    a, b = _prompts(2, seed=12)
+    prompts = [a, b, a, b, a, b, a, b]
+    caps = [70, 5, 33, 64, 32, 1, 90, 40]
+    params = [SamplingParams(0.0, max_new_tokens=n) for n in caps]
+    ref = sample(model, prompts, params)
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    outs = sample(model, prompts, params)
+    for o, r in zip(outs, ref):
+        assert o.ids == r.ids
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(r.logprobs))
 
 
 def test_shared_prompt_cache_is_kept_once_per_prompt(models):

@@ -6,7 +6,37 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
 from ahamoment.models import r1_zero_prompt
+
+GQA_VOCAB = 64
+# 2 layers, 4 query heads over 2 key/value heads (grouped-query attention), float32.
+# initializer_range=0.3 spreads the logits, so greedy outputs wander instead of looping and
+# next-token distributions are far from uniform: comparisons against them can fail.
+_GQA_SHAPE = dict(
+    vocab_size=GQA_VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+)
+
+
+def gqa_llama() -> LlamaForCausalLM:
+    """A tiny grouped-query Llama, seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**_GQA_SHAPE)).eval()
+
+
+def gqa_qwen2() -> Qwen2ForCausalLM:
+    """A tiny grouped-query Qwen2 (q/k/v biases, untied head), seed 1, in eval mode."""
+    torch.manual_seed(1)
+    return Qwen2ForCausalLM(Qwen2Config(**_GQA_SHAPE, tie_word_embeddings=False)).eval()
 
 
 @contextmanager
