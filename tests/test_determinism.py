@@ -16,10 +16,12 @@ from ahamoment.logprobs import completion_logprobs
 @pytest.fixture
 def two_threads_and_restore():
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _grads_of_repeated_backward(repeats: int = 3) -> float:
@@ -58,4 +60,5 @@ def test_repeated_backward_passes_are_bit_identical_on_cpu(two_threads_and_resto
     torch.use_deterministic_algorithms(False)
     make_accelerator("cpu", bf16=False)
     assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory  # see deterministic_cpu
     assert _grads_of_repeated_backward() == 0.0
