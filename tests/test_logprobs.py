@@ -129,3 +129,9 @@ def test_lora_adapters_get_the_same_gradients(tiny_model):
     assert grads["ours"] and all("lora_" in n for n in grads["ours"])
     for n, g in grads["ours"].items():
         torch.testing.assert_close(g, grads["ref"][n], atol=1e-5, rtol=1e-4)
+
+
+def test_all_empty_completions_give_zeros(tiny_model):
+    logp, mask, ent = completion_logprobs(tiny_model, [[5, 6], [5, 6]], [[], []], with_entropy=True)
+    assert logp.shape == mask.shape == ent.shape == (2, 1)
+    assert not logp.any() and not mask.any() and not ent.any()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ahamoment import decoder
+from ahamoment import decoder, lora
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +83,7 @@ def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module |
     """The HF causal LM to run packed (inside a peft wrapper if any), or None."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return None  # its gradient sync is armed by its own forward
-    get_base = getattr(model, "get_base_model", None)  # peft: adapters stay in the layers
-    lm = get_base() if callable(get_base) else model
+    lm = lora.sampling_model(model)  # peft: the HF model inside, adapters stay in the layers
     if not decoder.supports(lm):
         return None
     longest = max((len(p) + len(c) for p, c in zip(prompts, completions)), default=0)
@@ -152,23 +151,12 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
         tgt += completions[i]
         r_idx += [i] * n
         c_idx += range(n)
-    Lc = max([width, *lens])
-    mask = torch.zeros((B, Lc), device=device)
-    logp = torch.zeros((B, Lc), device=device)
-    entropy = torch.zeros((B, Lc), device=device) if with_entropy else None
-    if not src:
-        return logp, mask, entropy
-    at = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
+    mask = torch.zeros((B, max([width, *lens])), device=device)
+    at = tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (r_idx, c_idx))
     mask[at] = 1.0
-    logits = lm.lm_head(lm.model.norm(hid[torch.tensor(src, device=device)]))  # (T, V)
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
-    picked = logp_all.gather(-1, torch.tensor(tgt, device=device)[:, None]).squeeze(-1)
-    logp = logp.index_put(at, picked)  # (B, Lc), differentiable
-    if entropy is not None:
-        with torch.no_grad():
-            lp = logp_all.detach()
-            entropy[at] = -(lp.exp() * lp).sum(-1)
-    return logp, mask, entropy
+    logits = lm.lm_head(lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)]))
+    targets = torch.tensor(tgt, dtype=torch.long, device=device)
+    return _scatter(logits, targets, at, mask, temperature, with_entropy)
 
 
 def _shared_prefix(
@@ -228,15 +216,23 @@ def _joint_logits(model, prompts, completions, pad_id: int, width: int, device):
 
 
 def _from_logits(logits, ids_c, mask, temperature: float, with_entropy: bool):
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, Lc, V)
-    logp = logp_all.gather(-1, ids_c[..., None]).squeeze(-1) * mask  # (B, Lc)
+    """Padded logits (B, Lc, V): log-probs taken at the real tokens only."""
+    at = mask.bool().nonzero(as_tuple=True)
+    return _scatter(logits[at], ids_c[at], at, mask, temperature, with_entropy)
+
+
+def _scatter(logits, targets, at, mask, temperature: float, with_entropy: bool):
+    """Log-probs of ``targets`` (T,) under ``logits`` (T, V) / temperature, placed at ``at``
+    (row, column index tensors) in (B, Lc) zeros like ``mask``; the entropy there likewise
+    (no grad), or None. Returns (logp, mask, entropy)."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
+    picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (T,)
+    logp = torch.zeros(mask.shape, dtype=logp_all.dtype, device=mask.device).index_put(at, picked)
     entropy = None
-    if with_entropy:  # only at real completion tokens (0 at padding): no (B, Lc, V) temporaries
+    if with_entropy:
         with torch.no_grad():
-            real = mask.bool()
-            lp = logp_all.detach()[real]  # (N, V)
-            entropy = torch.zeros(mask.shape, dtype=logp_all.dtype, device=mask.device)
-            entropy[real] = -(lp.exp() * lp).sum(-1)
+            lp = logp_all.detach()
+            entropy = torch.zeros_like(logp).index_put(at, -(lp.exp() * lp).sum(-1))
     return logp, mask, entropy
 
 

@@ -99,9 +99,9 @@ class _LlamaLike:
 
     The cache has two parts. The prompt part (L, U, Hkv, Lp, D) is kept once per distinct
     prompt (a GRPO group of G rows shares one), filled by the prefill. The completion part
-    (L, NB, U, Hkv, G, BLOCK, D), in blocks of time, is a grid of slots, G per prompt (``start``); a slot without a row
-    (ragged groups) or whose row finished decodes padding until the next compaction
-    (``retire``). A decoding step scores the group's queries against its prompt's keys as one
+    (L, NB, U, Hkv, G, BLOCK, D), in blocks of time, is a grid of slots, G per prompt
+    (``start``); a slot without a row (ragged groups) or whose row finished decodes padding
+    until the next compaction (``retire``). A decoding step scores the group's queries against its prompt's keys as one
     matmul, (U, Hkv, G*rep, D) x (U, Hkv, D, Lp), concatenates each row's own completion
     scores and takes one softmax, so the prompt cache is never copied G times and its keys
     are read once per group. When groups get too ragged for a grid (more than a quarter
@@ -128,11 +128,8 @@ class _LlamaLike:
         self.rep = self.n_heads // self.n_kv
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        shape = (len(self.layers), 0, self.n_kv, 0, self.head_dim)
-        self.kp = self.vp = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.pvalid = torch.zeros((0, 0), dtype=torch.bool, device=param.device)
+        # set by prefill: kp, vp (L, U, Hkv, Lp, D), pvalid (U, Lp); by start: k, v, T, pbias
         self.t = 0  # completion columns filled
-        self.k = self.v = self.kp[:, :0]  # the completion cache, once ``start`` ran
         self.U = self.G = 0
 
     @classmethod
