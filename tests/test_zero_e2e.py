@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests_support import default_sigint
@@ -62,6 +63,24 @@ def test_pretrain_then_zero_through_the_cli(tiny_base, tmp_path):
     assert "eval/pass1" in rows[1] and "reward/accuracy" in rows[0] and "reward/format" in rows[0]
     assert (run / "final" / "model.safetensors").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+@pytest.mark.slow
+def test_readme_recipe_runs_through_the_cli(tiny_base, tmp_path):
+    # The README's main job on a tiny budget: its recipe trains LoRA adapters with a KL anchor,
+    # and final/ is a plain model (adapters merged: test_lora.py checks the merge itself).
+    run = tmp_path / "run"
+    recipe = str(ROOT / "recipes" / "zero-countdown.yaml")
+    aha("zero", "--recipe", recipe, "--model", str(tiny_base), *ZERO_TINY, "--out", str(run))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["lora_rank"] == 4 and cfg["kl_coef"] == 0.1 and cfg["steps"] == 4
+    final = load_file(str(run / "final" / "model.safetensors"))
+    base = load_file(str(tiny_base / "model.safetensors"))
+    assert final.keys() == base.keys()  # no adapter weights left over
+    assert all(final[k].shape == base[k].shape for k in base)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("kl" in r for r in rows)
+    assert (run / "checkpoints" / "step-4" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

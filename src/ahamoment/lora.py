@@ -1,4 +1,4 @@
-"""Optional LoRA through peft (``pip install 'ahamoment[lora]'``), for `aha zero` and `aha sft`.
+"""LoRA through peft, for `aha zero` (the default recipe trains rank-4 adapters) and `aha sft`.
 
 With ``lora_rank > 0`` the policy is ``peft.get_peft_model(base, LoraConfig(...))``: the base
 weights are frozen and only the adapters train (and sit in the optimizer). What leaves the
@@ -26,7 +26,7 @@ import torch
 
 from ahamoment.models import load_model
 
-INSTALL_HINT = "pip install 'ahamoment[lora]'"
+INSTALL_HINT = "pip install 'peft>=0.21.2,<0.22' (a dependency of ahamoment)"
 
 
 def _peft() -> Any:

@@ -276,7 +276,7 @@ class DistillConfig:
     """Arm B: extend GRPO by rl_extend steps at a time until its wall time is at least arm A's."""
     rl_extend: int = 50
     """Arm B: steps per extension (and the checkpoint interval)."""
-    rl_recipe: str = "recipes/zero-countdown.yaml"
+    rl_recipe: str = "recipes/zero-countdown-full.yaml"
     """Arm B: `aha zero` recipe (its model, steps, lr, seed and evaluation fields are overridden)."""
     heldout_n: int = 500
     """Held-out problems in the final evaluation of both arms."""

@@ -108,7 +108,7 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
     lora_rank: int = 0
-    """LoRA rank r through peft (pip install 'ahamoment[lora]'); 0: full fine-tuning."""
+    """LoRA rank r through peft; 0: full fine-tuning."""
     lora_alpha: float = 32.0
     """LoRA scaling alpha (the update is B·A·alpha/r)."""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

@@ -213,7 +213,7 @@ class ZeroConfig:
     tis_cap: float = 0.0
     """Truncated importance sampling (rl/tis.py): each token's policy-gradient term is weighted by min(exp(old_logp - sampler_logp), C), correcting for a sampler (vLLM) whose log-probs differ from the trainer's; 0: off."""
     lora_rank: int = 0
-    """LoRA rank r through peft (pip install 'ahamoment[lora]'); 0: full fine-tuning."""
+    """LoRA rank r through peft; 0: full fine-tuning."""
     lora_alpha: float = 32.0
     """LoRA scaling alpha (the update is B·A·alpha/r)."""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
