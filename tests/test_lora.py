@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ahamoment import lora
 from ahamoment.models import load_model, save_model
 from ahamoment.rollout import SamplingParams, sample
+from ahamoment.rollout.sampler import TorchEngine
 from ahamoment.rollout.vllm_engine import sync_payload
 from ahamoment.stages.sft import SFTConfig, sft
 from ahamoment.stages.zero import ZeroConfig, zero
@@ -68,6 +69,39 @@ def test_sampling_the_adapted_model_equals_the_merged_model(tiny_model, tiny_tok
     assert [c.ids for c in ours] == [c.ids for c in ref]
     for a, b in zip(ours, ref):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_torch_engine_decodes_a_merged_copy_kept_in_sync(tiny_model, tiny_tokenizer, tmp_path):
+    # `aha zero` with LoRA samples from lora.merged_copy (one matmul per projection) and
+    # refreshes it with TorchEngine.sync_weights(policy) after each optimizer step.
+    base = tmp_path / "base"
+    save_model(tiny_model, tiny_tokenizer, base)
+    model = _adapted(tiny_model, seed=2).eval()
+    engine = TorchEngine(lora.merged_copy(model, base), tiny_tokenizer)
+    assert not lora.is_lora(engine.model)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(0.0, 1.0, 0, 12)
+
+    def agree() -> None:
+        ours = sample(engine.model, prompts, params)
+        ref = sample(lora.sampling_model(model), prompts, params)
+        assert [c.ids for c in ours] == [c.ids for c in ref]
+        for a, b in zip(ours, ref):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+    agree()
+    with torch.no_grad():  # an optimizer step moves the adapters; the copy is now stale
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(-1.5)
+    stale = sample(engine.model, prompts, params)
+    assert [c.ids for c in stale] != [
+        c.ids for c in sample(lora.sampling_model(model), prompts, params)
+    ]
+    engine.sync_weights(lora.sampling_model(model))
+    agree()
+    # the trainer's adapted model is untouched by the sync
+    assert lora.is_lora(model) and any("lora_A" in n for n, _ in model.named_parameters())
 
 
 def _trained_keys(before: dict, after_dir) -> set[str]:

@@ -13,7 +13,9 @@ trainer is always plain HF weights with the adapters merged in:
 - checkpoints hold the adapters only (``adapter_model.safetensors``); resume loads the base and
   then the adapters (``load_policy``).
 
-The torch engine samples from the adapted model in place (``sampling_model``).
+The torch engine samples from a plain copy with the adapters merged in (``merged_copy``),
+refreshed after every optimizer step like vLLM's; ``sampling_model`` is the adapted HF model
+inside the peft wrapper, for code that reads its layers.
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ def sampling_model(model: torch.nn.Module) -> torch.nn.Module:
     ``model``: our sampler reads ``model.model.layers``, which a ``PeftModel`` hides."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+@torch.no_grad()
+def merged_copy(model: torch.nn.Module, base: str | Path) -> torch.nn.Module:
+    """A plain model of ``base``'s architecture holding ``model``'s weights with the adapters
+    merged in, on ``model``'s device: what our sampler decodes from. Each projection is then one
+    matmul, not three (W·x + B·(A·x)·alpha/r); decoding runs about 2x faster on the embedded
+    model. ``TorchEngine.sync_weights(policy)`` refreshes it after every optimizer step."""
+    device = next(model.parameters()).device
+    plain = load_model(base).to(device)
+    plain.load_state_dict(merged_state_dict(model))
+    return plain.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from ahamoment import decoder
+from ahamoment import decoder, lora
 from ahamoment.rollout.base import (
     ENGINES,
     Completion,
@@ -480,7 +480,7 @@ class TorchEngine:
     """Our batched KV-cache sampler behind the ``Engine`` interface.
 
     In-process: it samples from the very module it was given, so ``sync_weights`` with that
-    module is a no-op; another module's weights are copied in.
+    module is a no-op; another module's weights are copied in (a LoRA model's merged).
     """
 
     def __init__(
@@ -529,5 +529,5 @@ class TorchEngine:
                 yield TokenEvent(t.row, t.token_id, t.logprob, t.finish_reason)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
+        if model is not self.model:  # LoRA adapters are merged into the copied weights
+            self.model.load_state_dict(lora.merged_state_dict(model))

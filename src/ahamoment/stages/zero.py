@@ -712,8 +712,12 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     ).to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # rollouts and evaluations; with LoRA, the adapted HF model inside the peft wrapper
-    engine = make_engine(cfg.engine, lora.sampling_model(model), tokenizer)
+    # rollouts and evaluations; with LoRA our sampler decodes from a merged copy (one matmul
+    # per projection), other engines get the adapted HF model inside the peft wrapper
+    sampler = lora.sampling_model(model)
+    if cfg.engine == "torch" and lora.is_lora(model):
+        sampler = lora.merged_copy(model, base_path)
+    engine = make_engine(cfg.engine, sampler, tokenizer)
     weights = cfg.reward_weights()
     adv_fn = ADVANTAGES.get(cfg.advantage)
     kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)

@@ -1,0 +1,101 @@
+"""Why a Countdown model misses: sample held-out problems at T=1 and sort every completion.
+
+    python docs/experiments/failure_modes.py MODEL_DIR [--n 300] [--k 4] [--max-new-tokens 192]
+
+Categories (each completion lands in exactly one; they sum to 1):
+
+- correct: the answer verifies;
+- truncated: cut off before an answer (a format failure);
+- no_answer: finished without an <answer> (e.g. a trace that dropped its tags);
+- gave_up: answered without ever saying "yes" to a try;
+- false_hit_arith: said "yes" to a try whose arithmetic is wrong (usually a result written as
+  the target: a hallucinated hit);
+- false_hit_compare: said "yes" to a correctly computed try whose result is not the target;
+- other: said "yes" to a right try and still answered something else.
+
+Per try line it also reports the share of correct steps (the T=1 arithmetic) and
+P(yes | result != target), the comparison slip the corpus teaches (p_false_hit).
+Reads the embedded default task's format (`a+b=r,r+c=R|T,yes`); standard digits only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+
+import torch
+
+from ahamoment.evaluation import encode_prompts, generate, stop_ids
+from ahamoment.models import load_model, load_tokenizer, set_threads
+from ahamoment.rewards import extract_answer
+from ahamoment.rollout.base import SamplingParams
+from ahamoment.splits import heldout
+from ahamoment.tasks import get_task
+
+STEP = re.compile(r"(\d+)([+-])(\d+)=(\d+)")
+TRY = re.compile(r"^[\d+\-=,]+\|(\d+),(yes|no)$")
+
+
+def _right(a: str, op: str, b: str, r: str) -> bool:
+    return (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--task", default="countdown")
+    ap.add_argument("--n", type=int, default=300, help="held-out problems (the first n)")
+    ap.add_argument("--k", type=int, default=4, help="samples per problem")
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    task = get_task(args.task)
+    problems = [p for p in heldout(args.task, 1000)[: args.n] for _ in range(args.k)]
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model).eval()
+    params = SamplingParams(1.0, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tok))
+    out = generate(
+        model, tok, encode_prompts(tok, problems), params, torch.Generator().manual_seed(args.seed)
+    )
+    cat, lines = Counter(), Counter()
+    for p, text, finish in zip(problems, out.texts, out.finish):
+        target = p.fields["target"]
+        tries = [m for ln in text.split("\n") if (m := TRY.match(ln))]
+        lines["tries"] += len(tries)
+        for m in tries:
+            steps = STEP.findall(m.group(0))
+            lines["steps"] += len(steps)
+            lines["steps_right"] += sum(_right(*s) for s in steps)
+            if int(steps[-1][3] if steps else -1) != int(m.group(1)):
+                lines["miss"] += 1
+                lines["miss_yes"] += m.group(2) == "yes"
+        answer = extract_answer(text)
+        if answer is not None and task.verify(p, answer).correct:
+            cat["correct"] += 1
+        elif answer is None:
+            cat["truncated" if finish == "length" else "no_answer"] += 1
+        elif not (hits := [m for m in tries if m.group(2) == "yes"]):
+            cat["gave_up"] += 1
+        else:
+            steps = STEP.findall(hits[-1].group(0))
+            if not all(_right(*s) for s in steps):
+                cat["false_hit_arith"] += 1
+            elif not steps or int(steps[-1][3]) != target:
+                cat["false_hit_compare"] += 1
+            else:
+                cat["other"] += 1
+    n = len(problems)
+    print(f"{args.model}: {args.n} problems x {args.k} samples, T=1, {args.max_new_tokens} tokens")
+    for name in ("correct", "truncated", "no_answer", "gave_up", "false_hit_arith",
+                 "false_hit_compare", "other"):  # fmt: skip
+        print(f"  {name:18s} {cat[name] / n:.3f}")
+    print(f"  tries per completion {lines['tries'] / n:.2f}")
+    print(f"  correct steps (T=1) {lines['steps_right'] / max(1, lines['steps']):.3f}")
+    print(f"  P(yes | miss)       {lines['miss_yes'] / max(1, lines['miss']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
