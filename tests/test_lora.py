@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ahamoment import lora
 from ahamoment.models import load_model, save_model
 from ahamoment.rollout import SamplingParams, sample
+from ahamoment.rollout.hf_engine import HFEngine
 from ahamoment.rollout.sampler import TorchEngine
 from ahamoment.rollout.vllm_engine import sync_payload
 from ahamoment.stages.sft import SFTConfig, sft
@@ -71,13 +72,17 @@ def test_sampling_the_adapted_model_equals_the_merged_model(tiny_model, tiny_tok
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
-def test_torch_engine_decodes_a_merged_copy_kept_in_sync(tiny_model, tiny_tokenizer, tmp_path):
-    # `aha zero` with LoRA samples from lora.merged_copy (one matmul per projection) and
-    # refreshes it with TorchEngine.sync_weights(policy) after each optimizer step.
+@pytest.mark.parametrize("engine_cls", [TorchEngine, HFEngine])
+def test_engine_decodes_a_merged_copy_kept_in_sync(
+    engine_cls, tiny_model, tiny_tokenizer, tmp_path
+):
+    # `aha zero` with LoRA gives an in-process engine lora.merged_copy (one matmul per
+    # projection) and refreshes it with engine.sync_weights(policy) after each optimizer step.
+    assert engine_cls.decodes_module
     base = tmp_path / "base"
     save_model(tiny_model, tiny_tokenizer, base)
     model = _adapted(tiny_model, seed=2).eval()
-    engine = TorchEngine(lora.merged_copy(model, base), tiny_tokenizer)
+    engine = engine_cls(lora.merged_copy(model, base), tiny_tokenizer)
     assert not lora.is_lora(engine.model)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     params = SamplingParams(0.0, 1.0, 0, 12)

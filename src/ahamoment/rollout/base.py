@@ -107,6 +107,10 @@ class TokenEvent:
 
 @runtime_checkable
 class Engine(Protocol):
+    """A rollout backend. An engine class that decodes the module it is given, in this process,
+    sets ``decodes_module = True``: `aha zero` then hands it a plain copy with any LoRA adapters
+    merged (``lora.merged_copy``), which its ``sync_weights`` keeps current."""
+
     def generate(
         self, requests: Sequence[Request], generator: torch.Generator | None = None
     ) -> list[list[Completion]]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
+from ahamoment import lora
 from ahamoment.rollout.base import (
     ENGINES,
     Completion,
@@ -50,6 +51,9 @@ class _StopStringCriteria(StoppingCriteria):
 
 @ENGINES.register("hf")
 class HFEngine:
+    decodes_module = True
+    """Decodes the module it was given in this process (``sync_weights`` copies weights in)."""
+
     def __init__(
         self, model: PreTrainedModel, tokenizer: Any = None, *, pad_id: int | None = None
     ) -> None:
@@ -131,5 +135,5 @@ class HFEngine:
                 yield TokenEvent(index, t, lp, c.finish_reason if last else None)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
+        if model is not self.model:  # LoRA adapters are merged into the copied weights
+            self.model.load_state_dict(lora.merged_state_dict(model))

@@ -483,6 +483,9 @@ class TorchEngine:
     module is a no-op; another module's weights are copied in (a LoRA model's merged).
     """
 
+    decodes_module = True
+    """Decodes the module it was given in this process (``sync_weights`` copies weights in)."""
+
     def __init__(
         self,
         model: PreTrainedModel,

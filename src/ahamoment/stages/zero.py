@@ -712,10 +712,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     ).to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # rollouts and evaluations; with LoRA our sampler decodes from a merged copy (one matmul
-    # per projection), other engines get the adapted HF model inside the peft wrapper
+    # rollouts and evaluations; with LoRA an engine that decodes a module in this process gets a
+    # merged copy (one matmul per projection), others (vLLM) the adapted model for its path
     sampler = lora.sampling_model(model)
-    if cfg.engine == "torch" and lora.is_lora(model):
+    if lora.is_lora(model) and getattr(ENGINES.get(cfg.engine), "decodes_module", False):
         sampler = lora.merged_copy(model, base_path)
     engine = make_engine(cfg.engine, sampler, tokenizer)
     weights = cfg.reward_weights()
