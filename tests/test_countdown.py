@@ -271,6 +271,26 @@ def test_check_lines():
     assert accuracy_reward(p, t) == 1.0
 
 
+def test_check_by_difference_subtracts_the_smaller_of_result_and_target():
+    # Same seed and noise as test_check_lines: the same tries and verdicts, but each check line
+    # is |result - target| written larger-first, and only a zero difference says yes.
+    noise = TraceNoise(p_give_up=0, p_false_hit=1, p_check=1, p_drop_tags=0)
+    p = CD.make([13, 7, 5], 15)
+    plain = CD.trace(p, random.Random(5), noise).split("\n")
+    noise.check_by_difference = True
+    lines = CD.trace(p, random.Random(5), noise).split("\n")
+    assert len(lines) == len(plain) and lines[1::2] == plain[1::2]  # the tries are unchanged
+    checks = [ln for ln in lines if ln.startswith("wait,check:")]
+    assert len(checks) >= 2
+    for claim, check in zip(lines[1:-2:2], lines[2:-2:2]):
+        r = int(re.search(r"=(\d+)\|15,yes$", claim).group(1))
+        hi, lo = max(r, 15), min(r, 15)
+        verdict = "yes" if r == 15 else "no"
+        assert check == f"wait,check:{hi}-{lo}={hi - lo},{verdict}"
+    assert checks[-1] == "wait,check:15-15=0,yes"
+    assert accuracy_reward(p, "\n".join(lines)) == 1.0
+
+
 def test_false_hit_without_check_answers_the_wrong_chain():
     rng = random.Random(6)
     noise = TraceNoise(p_give_up=0, p_false_hit=1, p_check=0, p_drop_tags=0)
@@ -345,8 +365,10 @@ def test_search_ops_and_recalled_target():
 def test_new_corpus_fields_keep_old_cache_keys():
     from ahamoment.stages.pretrain import PretrainConfig
 
-    # the embedded default's key (README figures, users' caches) must not move
-    assert PretrainConfig().cache_key() == "countdown-c1b238eb41f6"
+    # a field added later leaves the keys of models built without it alone: the previous
+    # embedded default (recompute checks) keeps its key, and the current one has its own
+    assert PretrainConfig(check_by_difference=False).cache_key() == "countdown-c1b238eb41f6"
+    assert PretrainConfig().cache_key() == "countdown-549cd6949ce8"
     assert PretrainConfig(search_ops="+-").cache_key() != PretrainConfig().cache_key()
     assert PretrainConfig(inline_target=False).cache_key() != PretrainConfig().cache_key()
 

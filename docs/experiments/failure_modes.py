@@ -15,6 +15,11 @@ Categories (each completion lands in exactly one; they sum to 1):
 
 Per try line it also reports the share of correct steps (the T=1 arithmetic) and
 P(yes | result != target), the comparison slip the corpus teaches (p_false_hit).
+
+Last, a teacher-forced probe of the verdict alone: for the first 8 chains of each problem it
+feeds the correctly computed try line (``a+b=r,r-c=R|T,``) and reads P(yes) / (P(yes) + P(no))
+at the verdict, grouped by |R - T|. It separates the corpus noise (about p_false_hit on far
+misses) from a comparator that cannot tell near numbers apart (high P(yes) at |R - T| <= 2).
 Reads the embedded default task's format (`a+b=r,r+c=R|T,yes`); standard digits only.
 """
 
@@ -95,6 +100,27 @@ def main() -> None:
     print(f"  tries per completion {lines['tries'] / n:.2f}")
     print(f"  correct steps (T=1) {lines['steps_right'] / max(1, lines['steps']):.3f}")
     print(f"  P(yes | miss)       {lines['miss_yes'] / max(1, lines['miss']):.3f}")
+    print("teacher-forced P(yes) at the verdict of a correct try, by |result - target|:")
+    for name, (count, p_yes) in verdict_probe(model, tok, task, problems[:: args.k]).items():
+        print(f"  {name:8s} {p_yes:.3f}  ({count} tries)")
+
+
+def verdict_probe(model, tok, task, problems, chains_per_problem: int = 8) -> dict:
+    """{bucket: (tries, mean P(yes | yes or no))} over correctly computed first tries."""
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    sums: dict[str, list[float]] = {}
+    for p, prompt in zip(problems, encode_prompts(tok, problems)):
+        target = p.fields["target"]
+        for chain in task.chains(p.fields["nums"])[:chains_per_problem]:
+            steps = ",".join(f"{a}{op}{b}={r}" for a, op, b, r in chain.steps)
+            line = tok(f"<think>\n{steps}|{target},", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                probs = model(torch.tensor([prompt + line])).logits[0, -1].softmax(-1)
+            d = abs(chain.value - target)
+            bucket = "hit" if d == 0 else "d<=2" if d <= 2 else "d<=9" if d <= 9 else "d>=10"
+            sums.setdefault(bucket, []).append((probs[yes] / (probs[yes] + probs[no])).item())
+    order = ("hit", "d<=2", "d<=9", "d>=10")
+    return {b: (len(sums[b]), sum(sums[b]) / len(sums[b])) for b in order if b in sums}
 
 
 if __name__ == "__main__":

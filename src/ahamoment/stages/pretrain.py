@@ -77,6 +77,11 @@ class PretrainConfig:
     guess_first: bool = False
     """Corpus: each try claims a candidate ("try:58+82-4=45"), then commits to it or, with
     p_check, computes it on a 'wait,check:' line; a rejected guess is followed by another."""
+    check_by_difference: bool = True
+    """Corpus (Countdown tries): a 'wait,check:' line subtracts the smaller of result and target
+    from the larger (16-15=1,no) instead of recomputing the last step and comparing (15|16,no).
+    Learning those subtractions sharpens the model's yes/no on near misses too: on correct
+    tries 1-2 off the target it says yes 29% of the time, against 70% without (README)."""
     reversed_digits: bool = False
     """Corpus: write the reasoning's numbers least-significant digit first (the answer stays
     standard); small models then compute multi-digit steps far more reliably."""
@@ -144,6 +149,7 @@ class PretrainConfig:
             self.inline_target,
             self.guess_first,
             self.reversed_digits,
+            self.check_by_difference,
         )
 
     def cache_key(self) -> str:
@@ -156,6 +162,7 @@ class PretrainConfig:
             ("inline_target", True),
             ("guess_first", False),
             ("reversed_digits", False),
+            ("check_by_difference", False),
         ):
             if keyed[name] == default:
                 del keyed[name]

@@ -67,6 +67,11 @@ class TraceNoise:
     """Write every number in the reasoning least-significant digit first (58+82=140 becomes
     85+28=041): each digit then depends only on digits already written and the carry, which
     small transformers learn far more reliably (Lee et al. 2023). The answer stays standard."""
+    check_by_difference: bool = False
+    """A 'wait,check:' line subtracts the smaller of result and target from the larger
+    (``wait,check:16-15=1,no``; a hit gives ``16-16=0,yes``) instead of recomputing the last
+    step: the verdict then rests on the model's subtraction, not on telling two near numbers
+    apart, which a 0.9M model does poorly (15|16 reads as a hit; see failure_modes.py)."""
 
 
 # A constant template: a name plus a function from a problem to an answer string.

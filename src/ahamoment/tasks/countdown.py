@@ -240,19 +240,29 @@ def _tries(order, cands, target: int, rng: random.Random, noise: TraceNoise) -> 
         if chain.value == target:
             lines.append(tried + ",yes")
             if rng.random() < noise.p_check:
-                lines.append(f"wait,check:{steps[-1]}|{shown},yes")
+                lines.append(_check(steps[-1], chain.value, target, shown, noise))
             return lines, chain.expr
         if rng.random() < noise.p_false_hit:
             # A comparison slip: the arithmetic stays right but the miss is called a hit.
             lines.append(tried + ",yes")
             if rng.random() >= noise.p_check:
                 return lines, chain.expr
-            lines.append(f"wait,check:{steps[-1]}|{shown},no")
+            lines.append(_check(steps[-1], chain.value, target, shown, noise))
         else:
             lines.append(tried + ",no")
         if rng.random() < noise.p_give_up:
             return lines, _give_up(chain, cands, rng, noise)
     return lines, None
+
+
+def _check(step: str, value: int, target: int, shown: str, noise: TraceNoise) -> str:
+    """The 'wait,check:' line after a claimed hit; its verdict is always right."""
+    verdict = "yes" if value == target else "no"
+    if noise.check_by_difference:
+        hi, lo = max(value, target), min(value, target)
+        r = noise.reversed_digits
+        return f"wait,check:{_step(hi, '-', lo, hi - lo, reverse=r)},{verdict}"
+    return f"wait,check:{step}|{shown},{verdict}"
 
 
 def _guesses(order, cands, target: int, rng: random.Random, noise: TraceNoise) -> Searched:
