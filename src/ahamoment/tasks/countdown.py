@@ -13,7 +13,10 @@ duplicates, a+b+c dominated and a constant template looked like learning (FINDIN
 
 The pretraining traces search left-to-right chains such as ``7-5=2,2+13=15|15,yes``: each try
 ends with ``|target`` and the verdict, so the model compares two adjacent numbers instead of
-looking back to the prompt (without it, a 0.9M model's yes/no was close to chance: measured). Chains keep
+looking back to the prompt (without it, a 0.9M model's yes/no was close to chance: measured).
+A claimed hit may be followed by a check line, ``wait,check:16-15=1,no`` (check_by_difference:
+subtract the smaller of result and target from the larger) or ``wait,check:2+13=15|16,no``
+(repeat the last step and the comparison); its verdict is always right. Chains keep
 every intermediate result a non-negative integer, so a step is always ``a{op}b=r`` over plain
 digits. For + and - every reachable target has such a chain; for * and / some targets are
 reachable only by other bracketings, so a noiseless trace can still miss them.
