@@ -15,7 +15,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import chain
 from pathlib import Path
 
@@ -138,19 +138,8 @@ class PretrainConfig:
             raise ValueError("tokens must cover at least one batch (block x batch_size)")
 
     def noise(self) -> TraceNoise:
-        return TraceNoise(
-            self.p_give_up,
-            self.p_false_hit,
-            self.p_check,
-            self.p_drop_tags,
-            self.p_guess,
-            self.p_foreign,
-            self.search_ops,
-            self.inline_target,
-            self.guess_first,
-            self.reversed_digits,
-            self.check_by_difference,
-        )
+        # by name: every TraceNoise field has a config field of the same name
+        return TraceNoise(**{f.name: getattr(self, f.name) for f in fields(TraceNoise)})
 
     def cache_key(self) -> str:
         ignored = ("threads", "out", "force", "save_every")
