@@ -76,6 +76,8 @@ def test_post_init_rejects_bad_combinations():
         cfglib.build(ZeroConfig, loss="nope")
     with pytest.raises(cfglib.ConfigError, match="group_size"):
         cfglib.build(ZeroConfig, group_size=1)
+    with pytest.raises(cfglib.ConfigError, match="real_k"):
+        cfglib.build(ZeroConfig, real_k=0)
 
 
 def test_reward_weights_parse():

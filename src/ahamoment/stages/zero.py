@@ -186,6 +186,8 @@ class ZeroConfig:
     """Held-out nucleus sampling."""
     real_eval: bool = True
     """Also evaluate on the packaged real Countdown sample (1,024 TinyZero problems; Countdown tasks only)."""
+    real_k: int = 1
+    """Samples per real Countdown problem (at eval_temperature, no greedy pass): a model trained on the default task searches to max_new_tokens on them, so each sample costs a full budget."""
     log: str = "jsonl"
     """Extra metrics logger besides metrics.jsonl: jsonl (none), tensorboard (pip install 'ahamoment[tensorboard]'), wandb (offline; only when installed)."""
     samples_per_step: int = 2
@@ -227,8 +229,8 @@ class ZeroConfig:
             raise ValueError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step x group_size ({batch})"
             )
-        if self.heldout_n < 1 or self.eval_n < 1 or self.eval_k < 1:
-            raise ValueError("heldout_n, eval_n and eval_k must be positive")
+        if min(self.heldout_n, self.eval_n, self.eval_k, self.real_k) < 1:
+            raise ValueError("heldout_n, eval_n, eval_k and real_k must be positive")
         if self.micro_batch < 0 or (
             self.micro_batch and (batch // self.minibatches) % self.micro_batch
         ):
@@ -735,12 +737,13 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     # notation of the reasoning's numbers (read by step_accuracy)
     reverse = bool(pre.get("config", {}).get("reversed_digits"))
 
-    def run_eval(problems, seed_offset: int) -> dict[str, Any]:
+    def run_eval(problems, seed_offset: int, k: int = cfg.eval_k, greedy: bool = True):
         return evaluate(
             model,
             tokenizer,
             problems,
-            k=cfg.eval_k,
+            k=k,
+            greedy=greedy,
             temperature=cfg.eval_temperature,
             top_p=cfg.eval_top_p,
             max_new_tokens=cfg.max_new_tokens,
@@ -752,7 +755,9 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     def real_eval() -> dict[str, Any]:
         rows = list(real_countdown())
         by_n = {n: [p for p in rows if len(p.fields["nums"]) == n] for n in (3, 4)}
-        return {f"{n}_numbers": run_eval(ps, 7) for n, ps in by_n.items()}
+        return {
+            f"{n}_numbers": run_eval(ps, 7, k=cfg.real_k, greedy=False) for n, ps in by_n.items()
+        }
 
     # Before training: the bar to clear, and the base model's own figures (computed once, on
     # rank 0; the other ranks wait at their first collective).
