@@ -76,6 +76,9 @@ def test_post_init_rejects_bad_combinations():
         cfglib.build(ZeroConfig, loss="nope")
     with pytest.raises(cfglib.ConfigError, match="group_size"):
         cfglib.build(ZeroConfig, group_size=1)
+    with pytest.raises(cfglib.ConfigError, match="micro_batch"):
+        cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=3)
+    assert cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=32).micro_batch
     with pytest.raises(cfglib.ConfigError, match="real_k"):
         cfglib.build(ZeroConfig, real_k=0)
 

@@ -163,6 +163,9 @@ def test_micro_batches_give_the_same_update(loss: str, minibatches: int) -> None
     if minibatches == 1:  # and a split into micro-batches of 2 as well
         pairs = _update(model0, loss, minibatches, micro_batch=2)
         torch.testing.assert_close(_deltas(pairs, model0), moved, rtol=0, atol=ATOL)
+        # a micro-batch larger than the minibatch is the whole minibatch in one pass
+        big = _update(model0, loss, minibatches, micro_batch=64)
+        torch.testing.assert_close(_deltas(big, model0), moved, rtol=0, atol=ATOL)
 
 
 LEFT_OUT = [1, 5]  # rows with in_loss False (2 and 1 tokens; not the longest rows)

@@ -147,7 +147,7 @@ class ZeroConfig:
     epochs: int = 1
     """μ: passes over each rollout batch."""
     micro_batch: int = 0
-    """Sequences per forward/backward inside a minibatch (gradient accumulation); Llama-style models run them packed (no padding), others padded to the micro-batch's longest completion; 0: one group (group_size rows, one prompt) when it divides the minibatch, else the whole minibatch."""
+    """Sequences per forward/backward inside a minibatch (gradient accumulation); Llama-style models run them packed (no padding), others padded to the micro-batch's longest completion; 0: one group (group_size rows, one prompt) when it divides the minibatch, else the whole minibatch; at least the minibatch's size: the whole minibatch."""
     skip_zero_adv: bool = True
     """Skip the forward and backward of rows whose advantage is exactly 0 (all-equal groups) when kl_coef is 0: they add exactly 0 to the gradient, so the update is the same; entropy, clip fraction and sampler mismatch are then logged over the rows trained (train_rows_frac says how many)."""
     eps_low: float | None = None
@@ -231,12 +231,11 @@ class ZeroConfig:
             )
         if min(self.heldout_n, self.eval_n, self.eval_k, self.real_k) < 1:
             raise ValueError("heldout_n, eval_n, eval_k and real_k must be positive")
-        if self.micro_batch < 0 or (
-            self.micro_batch and (batch // self.minibatches) % self.micro_batch
-        ):
+        mb = batch // self.minibatches
+        if self.micro_batch < 0 or (0 < self.micro_batch < mb and mb % self.micro_batch):
             raise ValueError(
                 f"micro_batch ({self.micro_batch}) must divide the minibatch "
-                f"({batch // self.minibatches} sequences), or be 0"
+                f"({mb} sequences), be at least its size, or be 0"
             )
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be at least 1")
@@ -465,7 +464,7 @@ def policy_update(
     }
     mismatch, n_tokens = None, 0.0
     mb = B // cfg.minibatches
-    micro = cfg.micro_batch or (cfg.group_size if mb % cfg.group_size == 0 else mb)
+    micro = min(cfg.micro_batch, mb) or (cfg.group_size if mb % cfg.group_size == 0 else mb)
     mis_sum, mis_n = 0.0, 0.0
     skip = (
         (adv == 0).tolist()
