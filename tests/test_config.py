@@ -79,6 +79,8 @@ def test_post_init_rejects_bad_combinations():
     with pytest.raises(cfglib.ConfigError, match="micro_batch"):
         cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=3)
     assert cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=32).micro_batch
+    with pytest.raises(cfglib.ConfigError, match="lr_decay"):
+        cfglib.build(ZeroConfig, steps=10, lr_decay=11)
     with pytest.raises(cfglib.ConfigError, match="real_k"):
         cfglib.build(ZeroConfig, real_k=0)
 
@@ -98,3 +100,13 @@ def test_every_recipe_loads(recipe):
     cls = cli._load(cli.COMMANDS[recipe.name.split("-")[0]])[0]  # the stage the name starts with
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text
+
+
+def test_lr_schedule_warms_up_holds_then_decays_to_the_last_step():
+    from ahamoment.stages.zero import lr_factor
+
+    cfg = cfglib.build(ZeroConfig, steps=10, warmup=2, lr_decay=4)
+    # warm-up 1/2, 2/2; constant; then 4/4, 3/4, 2/4, 1/4 on steps 6..9 (the last step)
+    assert [lr_factor(cfg, s) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    flat = cfglib.build(ZeroConfig, steps=10, warmup=2)
+    assert [lr_factor(flat, s) for s in range(10)] == [0.5] + [1.0] * 9

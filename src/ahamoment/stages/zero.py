@@ -42,6 +42,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,11 @@ class ZeroConfig:
     optimizer: str = "adamw"
     """Optimizer: adamw, or sgd (momentum 0.9; moves only weights with a consistent gradient)."""
     lr: float = 5e-4
-    """Learning rate (constant after warm-up)."""
+    """Learning rate (constant after warm-up, unless lr_decay)."""
     warmup: int = 5
     """Linear learning-rate warm-up steps."""
+    lr_decay: int = 0
+    """Linear learning-rate decay to 0 over the last N steps (warm-up, constant, decay); 0: constant to the end."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -236,6 +239,10 @@ class ZeroConfig:
             raise ValueError(
                 f"micro_batch ({self.micro_batch}) must divide the minibatch "
                 f"({mb} sequences), be at least its size, or be 0"
+            )
+        if not 0 <= self.lr_decay <= self.steps:
+            raise ValueError(
+                f"lr_decay ({self.lr_decay}) must be between 0 and steps ({self.steps})"
             )
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be at least 1")
@@ -662,6 +669,14 @@ def rollout_metrics(
 
 
 # --- the stage ----------------------------------------------------------------------------
+def lr_factor(cfg: ZeroConfig, s: int) -> float:
+    """Learning-rate multiplier for step ``s`` (0-based): linear warm-up, then 1, then a linear
+    decay that reaches 1/lr_decay on the last step."""
+    warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+    left = cfg.steps - s  # steps still to take, this one included
+    return warm * min(1.0, left / cfg.lr_decay) if cfg.lr_decay else warm
+
+
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):
     """No-grad log-probs (B, Lc) of every row, each rank computing its contiguous share.
 
@@ -794,9 +809,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
 
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = OPTIMIZERS.get(cfg.optimizer)(trainable, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_model = None
     if cfg.kl_coef > 0:  # frozen copy of the starting policy (or the last refreshed one)
