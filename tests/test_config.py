@@ -80,7 +80,7 @@ def test_post_init_rejects_bad_combinations():
         cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=3)
     assert cfglib.build(ZeroConfig, prompts_per_step=2, group_size=4, micro_batch=32).micro_batch
     with pytest.raises(cfglib.ConfigError, match="lr_decay"):
-        cfglib.build(ZeroConfig, steps=10, lr_decay=11)
+        cfglib.build(ZeroConfig, steps=10, lr_decay=-1)
     with pytest.raises(cfglib.ConfigError, match="real_k"):
         cfglib.build(ZeroConfig, real_k=0)
 
@@ -108,5 +108,7 @@ def test_lr_schedule_warms_up_holds_then_decays_to_the_last_step():
     cfg = cfglib.build(ZeroConfig, steps=10, warmup=2, lr_decay=4)
     # warm-up 1/2, 2/2; constant; then 4/4, 3/4, 2/4, 1/4 on steps 6..9 (the last step)
     assert [lr_factor(cfg, s) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    whole = cfglib.build(ZeroConfig, steps=4, warmup=1, lr_decay=100)  # decays over all 4
+    assert [lr_factor(whole, s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     flat = cfglib.build(ZeroConfig, steps=10, warmup=2)
     assert [lr_factor(flat, s) for s in range(10)] == [0.5] + [1.0] * 9

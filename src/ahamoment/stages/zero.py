@@ -140,7 +140,7 @@ class ZeroConfig:
     warmup: int = 5
     """Linear learning-rate warm-up steps."""
     lr_decay: int = 0
-    """Linear learning-rate decay to 0 over the last N steps (warm-up, constant, decay); 0: constant to the end."""
+    """Linear learning-rate decay to 0 over the last N steps (warm-up, constant, decay; all of them when N >= steps); 0: constant to the end."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -240,10 +240,8 @@ class ZeroConfig:
                 f"micro_batch ({self.micro_batch}) must divide the minibatch "
                 f"({mb} sequences), be at least its size, or be 0"
             )
-        if not 0 <= self.lr_decay <= self.steps:
-            raise ValueError(
-                f"lr_decay ({self.lr_decay}) must be between 0 and steps ({self.steps})"
-            )
+        if self.lr_decay < 0:
+            raise ValueError(f"lr_decay must be >= 0, got {self.lr_decay}")
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be at least 1")
         if self.seed_block < 0 or (self.seed_block and self.prompts_per_step % self.seed_block):
@@ -674,7 +672,8 @@ def lr_factor(cfg: ZeroConfig, s: int) -> float:
     decay that reaches 1/lr_decay on the last step."""
     warm = min(1.0, (s + 1) / max(1, cfg.warmup))
     left = cfg.steps - s  # steps still to take, this one included
-    return warm * min(1.0, left / cfg.lr_decay) if cfg.lr_decay else warm
+    decay = min(cfg.lr_decay, cfg.steps)  # a recipe's decay also fits a shorter --steps
+    return warm * min(1.0, left / decay) if decay else warm
 
 
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):
