@@ -112,3 +112,12 @@ def test_lr_schedule_warms_up_holds_then_decays_to_the_last_step():
     assert [lr_factor(whole, s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     flat = cfglib.build(ZeroConfig, steps=10, warmup=2)
     assert [lr_factor(flat, s) for s in range(10)] == [0.5] + [1.0] * 9
+
+
+def test_warmup_cosine_reaches_the_floor_at_the_last_step():
+    from ahamoment.schedules import warmup_cosine
+
+    got = [warmup_cosine(s, warmup_steps=2, total=6) for s in range(7)]
+    # warm-up 1/2, 2/2; then 0.1 + 0.45 (1 + cos(pi p)) at p = 0, 1/4, 1/2, 3/4, 1
+    want = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + 0.5**0.5), 0.55, 0.1 + 0.45 * (1 - 0.5**0.5), 0.1]
+    assert got == pytest.approx(want, abs=1e-12)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from itertools import chain
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from ahamoment.models import (
 )
 from ahamoment.progress import progress_bar
 from ahamoment.rewards import judge
+from ahamoment.schedules import warmup_cosine
 from ahamoment.splits import excluded
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import TraceNoise
@@ -234,13 +235,9 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     )
     steps = cfg.steps()
 
-    def lr_lambda(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=cfg.warmup, total=steps)
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume_file.exists():

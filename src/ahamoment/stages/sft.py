@@ -28,6 +28,7 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from ahamoment.distributed import Ranks, claim_run_dir, make_accelerator, share_
 from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, n_params
 from ahamoment.progress import progress_bar
+from ahamoment.schedules import warmup_cosine
 from ahamoment.stages.pretrain import ensure_base_model
 from ahamoment.tasks import TASKS
 
@@ -403,13 +405,9 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         betas=(0.9, 0.95),
     )
 
-    def lr_lambda(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=cfg.warmup, total=steps)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     step, train_s, tokens = 0, 0.0, 0
     if resume_from is not None:

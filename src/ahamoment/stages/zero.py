@@ -99,6 +99,7 @@ from ahamoment.rl import (
 )
 from ahamoment.rl.tis import scale_grad, tis_weights
 from ahamoment.rollout import ENGINES, Engine, SamplingParams, make_engine
+from ahamoment.schedules import warmup_linear_decay
 from ahamoment.splits import excluded, heldout, real_countdown
 from ahamoment.stages.pretrain import ensure_base_model
 from ahamoment.tasks import TASKS, get_task
@@ -670,10 +671,7 @@ def rollout_metrics(
 def lr_factor(cfg: ZeroConfig, s: int) -> float:
     """Learning-rate multiplier for step ``s`` (0-based): linear warm-up, then 1, then a linear
     decay that reaches 1/lr_decay on the last step."""
-    warm = min(1.0, (s + 1) / max(1, cfg.warmup))
-    left = cfg.steps - s  # steps still to take, this one included
-    decay = min(cfg.lr_decay, cfg.steps)  # a recipe's decay also fits a shorter --steps
-    return warm * min(1.0, left / decay) if decay else warm
+    return warmup_linear_decay(s, cfg.warmup, cfg.steps, cfg.lr_decay)
 
 
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):
