@@ -14,7 +14,8 @@ Both sides run the same algorithm on the same weights, prompts and reward, one s
   (0.9, 0.99), no weight decay, gradient clipping at 1.0, fp32, no vLLM.
 
 Our step is built from the components of ``ahamoment.stages.zero``: ``sample_groups`` (rollout
-and reward), the ``grpo`` advantage, then ``policy_update`` (loss, backward, AdamW step). TRL runs
+and reward), the ``grpo`` advantage, then ``policy_update`` (loss, backward, AdamW step), with
+the zero recipe's micro-batch of 32 sequences (4 groups) per packed forward/backward. TRL runs
 ``GRPOTrainer.train`` with every setting pinned and printed (loss_type, micro-batch size,
 steps_per_generation, gradient checkpointing off, fp32); its completion tokens are counted from
 the ids its reward function receives. TRL's best settings here, measured on this box with one
@@ -88,7 +89,7 @@ class Sizes:
     steps: int = 3  # timed steps per repeat, after one warm-up step
     repeats: int = 3
     trl_micro_batch: int = 16  # TRL per_device_train_batch_size (completions per forward)
-    our_micro_batch: int = 0  # ours: 0 = one group (G rows sharing a prompt) per forward/backward
+    our_micro_batch: int = 32  # ours, as recipes/zero-countdown.yaml: 4 groups per forward/backward
 
     @property
     def batch(self) -> int:
@@ -406,8 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--our-micro-batch",
         type=int,
-        default=0,
-        help="our micro_batch (0: one group of G rows per forward)",
+        default=Sizes.our_micro_batch,
+        help="our micro_batch, as the zero recipe's (0: one group of G rows per forward)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
     args = ap.parse_args(argv)
