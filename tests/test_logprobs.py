@@ -1,8 +1,8 @@
 """Shared-prompt log-probs equal one unpadded full forward per row, in value and gradient.
 
 Every test runs on both ways of computing them: ``packed`` (the default for Llama-style models:
-completions concatenated with no padding, attention per row) and ``hf`` (the model's own
-forward over the gathered prompt cache and padded completions)."""
+completions concatenated with no padding, attention a few rows per call) and ``hf`` (the
+model's own forward over the gathered prompt cache and padded completions)."""
 
 import copy
 import random
@@ -63,6 +63,24 @@ def test_gradients_match_unpadded_forward(tiny_model):
     for a, b in zip(g_shared, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     tiny_model.zero_grad()
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 100])
+def test_rows_per_attention_call_change_nothing(tiny_model, monkeypatch, bucket):
+    """The packed path attends a few rows per call, padded to the bucket's longest; any bucket
+    size gives the values and gradients of one full forward per row (the hf path ignores it)."""
+    monkeypatch.setattr(LP._RowBuckets, "BUCKET", bucket)
+    p, c = _batch(tiny_model.config.vocab_size, seed=3)
+    weights = torch.randn(len(c), 6)
+    out = {}
+    for name, fn in (("ours", completion_logprobs), ("ref", completion_logprobs_full)):
+        tiny_model.zero_grad()
+        logp, mask = fn(tiny_model, p, c)[:2]
+        (logp * weights[:, : logp.shape[1]] * mask).sum().backward()
+        out[name] = [logp.detach()] + [q.grad.clone() for q in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    for a, b in zip(out["ours"], out["ref"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_entropy_only_at_real_tokens(tiny_model):

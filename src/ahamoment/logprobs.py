@@ -7,8 +7,8 @@ with G full forwards (a test checks it). Two ways to do that:
 - packed (Llama/Qwen2/Mistral, the default there): the completions are concatenated into one
   stream with no padding at all, (N, C) with N the number of tokens that predict something
   (each row's last token predicts nothing and is left out). Projections and MLPs run on the
-  stream as one matmul each; only attention runs per row, over its prompt's keys and its own
-  causal keys. A batch of completions of mixed lengths costs its real tokens, not rows x the
+  stream as one matmul each; only attention runs per row (a few rows per call, ``_RowBuckets``),
+  over its prompt's keys and its own causal keys. A batch of completions of mixed lengths costs its real tokens, not rows x the
   longest: in GRPO rollouts padding was 44-76% extra tokens per group.
 - HF shared prefix (any other decoder, and DDP-wrapped models, whose gradient sync needs the
   wrapper's own forward): the prompt's KV cache is gathered to the rows that share it with a
@@ -100,7 +100,6 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
     valid = attn_p.bool()
     pos_p = (attn_p.cumsum(-1) - 1).clamp(min=0)
     hp, keys, values = decoder.prefill(lm, ids_p, pos_p, valid)  # (U, Lp, C), (U, Hkv, Lp, D)
-    Lp = ids_p.shape[1]
 
     # the stream: each row's tokens but its last, at positions len(prompt) + j
     lens = [len(c) for c in completions]
@@ -111,33 +110,12 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
     h = lm.model.embed_tokens(torch.tensor(stream, dtype=torch.long, device=device))  # (N, C)
     cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
     cos, sin = cos[0], sin[0]  # (N, D)
-    masks = {}  # (lp, m) -> (m, lp + m) bool: the whole prompt, then causal
-    for _, lp, m in seg:
-        if (lp, m) not in masks:
-            j = torch.arange(lp + m, device=device)
-            masks[lp, m] = j[None, :] <= torch.arange(m, device=device)[:, None] + lp
+    plan = _RowBuckets(seg, row_u, valid, N)
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
         q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (N, H|Hkv, D)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H|Hkv, N, D)
-        gqa = k.shape[0] != q.shape[0]
-        outs, s = [], 0
-        for i, lp, m in seg:
-            u = row_u[i]
-            kk = torch.cat([keys[li][u, :, Lp - lp :], k[:, s : s + m]], dim=1)  # (Hkv, lp+m, D)
-            vv = torch.cat([values[li][u, :, Lp - lp :], v[:, s : s + m]], dim=1)
-            o = F.scaled_dot_product_attention(
-                q[None, :, s : s + m],
-                kk[None],
-                vv[None],
-                attn_mask=masks[lp, m],
-                scale=attn.scaling,
-                enable_gqa=gqa,
-            )  # (1, H, m, D): 4-d inputs take the fused CPU kernel
-            outs.append(o[0])
-            s += m
-        o = torch.cat(outs, dim=1) if outs else q[:, :0]  # (H, N, D)
-        h = h + attn.o_proj(o.transpose(0, 1).reshape(N, o.shape[0] * o.shape[2]))
+        o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
+        h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
 
     # predicting positions: each row's prompt end (token 0), then its stream (tokens 1..)
@@ -157,6 +135,78 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
     logits = lm.lm_head(lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)]))
     targets = torch.tensor(tgt, dtype=torch.long, device=device)
     return _scatter(logits, targets, at, mask, temperature, with_entropy)
+
+
+class _RowBuckets:
+    """Attention of the packed stream, a few rows per call.
+
+    Each row attends to its prompt's keys and, causally, to its own. Rows are sorted by length
+    and taken ``BUCKET`` at a time; a bucket is one attention call over (R, H, M, D) queries, M
+    its longest row, against (R, Hkv, Lp + M, D) keys: the rows' prompts (left-padded, padding
+    masked), then their own stream keys. Short rows are padded with a zero row of the stream
+    whose outputs are dropped, so values and gradients are those of one call per row.
+
+    Why buckets of 4: one call per row spends more on per-call work (slices, concatenations
+    and their backward) than on arithmetic, and large buckets pay for padding and for a
+    masked kernel over longer rows. On GRPO batches (128 rows, micro-batch 32) 4 trained 5-6%
+    faster than one call per row, on the embedded model and on the 3.2M Llama; 16 and 32 were
+    no faster or slower.
+    """
+
+    BUCKET = 4
+
+    def __init__(self, seg, row_u, valid: torch.Tensor, N: int) -> None:
+        """seg: (row, prompt length, stream tokens) of each row in stream order; row_u: each
+        row's prompt in ``valid`` (U, Lp), the prompts' key mask; N: the stream's length."""
+        device = valid.device
+        start, s = [], 0
+        for _, _, m in seg:
+            start.append(s)
+            s += m
+        order = sorted(range(len(seg)), key=lambda r: -seg[r][2])
+        self.buckets = []  # (R*M,) stream index (N: padding), (R,) prompt, (R, 1, M, Lp+M) mask
+        back = [0] * N  # stream position -> row of the concatenated bucket outputs
+        at = 0
+        for b in range(0, len(order), self.BUCKET):
+            rows = order[b : b + self.BUCKET]
+            M = seg[rows[0]][2]
+            flat = []
+            for i, r in enumerate(rows):
+                m = seg[r][2]
+                flat += [*range(start[r], start[r] + m), *[N] * (M - m)]
+                back[start[r] : start[r] + m] = range(at + i * M, at + i * M + m)
+            at += len(rows) * M
+            u = torch.tensor([row_u[seg[r][0]] for r in rows], device=device)
+            causal = torch.ones((M, M), dtype=torch.bool, device=device).tril()
+            mask = torch.cat(
+                [valid[u][:, None, :].expand(-1, M, -1), causal.expand(len(rows), -1, -1)], -1
+            )[:, None]
+            self.buckets.append((torch.tensor(flat, dtype=torch.long, device=device), u, mask))
+        self.back = torch.tensor(back, dtype=torch.long, device=device)
+
+    def attend(self, q, k, v, keys_p, values_p, scale: float) -> torch.Tensor:
+        """q (N, H, D), k and v (N, Hkv, D) of the stream; keys_p and values_p (U, Hkv, Lp, D)
+        of the prompts. Returns the attention output (N, H*D), heads in model order."""
+        H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+        if not self.buckets:
+            return q.new_zeros((0, H * D))
+        q, k, v = (torch.cat([t, t.new_zeros((1, *t.shape[1:]))]) for t in (q, k, v))  # row N: 0
+        outs = []
+        for flat, u, mask in self.buckets:
+            R, M = mask.shape[0], mask.shape[2]
+            qb, kb, vb = (
+                t.index_select(0, flat).view(R, M, -1, D).transpose(1, 2) for t in (q, k, v)
+            )
+            o = F.scaled_dot_product_attention(
+                qb,
+                torch.cat([keys_p.index_select(0, u), kb], dim=2),  # (R, Hkv, Lp + M, D)
+                torch.cat([values_p.index_select(0, u), vb], dim=2),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=Hkv != H,
+            )  # (R, H, M, D): 4-d inputs take the fused CPU kernel
+            outs.append(o.transpose(1, 2).reshape(R * M, H * D))
+        return torch.cat(outs).index_select(0, self.back)
 
 
 def _shared_prefix(
