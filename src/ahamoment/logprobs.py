@@ -8,8 +8,9 @@ with G full forwards (a test checks it). Two ways to do that:
   stream with no padding at all, (N, C) with N the number of tokens that predict something
   (each row's last token predicts nothing and is left out). Projections and MLPs run on the
   stream as one matmul each; only attention runs per row (a few rows per call, ``_RowBuckets``),
-  over its prompt's keys and its own causal keys. A batch of completions of mixed lengths costs its real tokens, not rows x the
-  longest: in GRPO rollouts padding was 44-76% extra tokens per group.
+  over its prompt's keys and its own causal keys. A batch of completions of mixed lengths costs
+  its real tokens, not rows x the longest: in GRPO rollouts padding was 44-76% extra tokens per
+  group.
 - HF shared prefix (any other decoder, and DDP-wrapped models, whose gradient sync needs the
   wrapper's own forward): the prompt's KV cache is gathered to the rows that share it with a
   differentiable index and the right-padded completions run through the model's forward.
@@ -143,8 +144,9 @@ class _RowBuckets:
     Each row attends to its prompt's keys and, causally, to its own. Rows are sorted by length
     and taken ``BUCKET`` at a time; a bucket is one attention call over (R, H, M, D) queries, M
     its longest row, against (R, Hkv, Lp + M, D) keys: the rows' prompts (left-padded, padding
-    masked), then their own stream keys. Short rows are padded with a zero row of the stream
-    whose outputs are dropped, so values and gradients are those of one call per row.
+    masked), then their own stream keys. A short row's padding reads its own first token again:
+    as a key it is masked (causally after every real query), as a query its output is dropped,
+    so values and gradients are those of one call per row, and the stream is never copied.
 
     Why buckets of 4: one call per row spends more on per-call work (slices, concatenations
     and their backward) than on arithmetic, and large buckets pay for padding and for a
@@ -164,7 +166,7 @@ class _RowBuckets:
             start.append(s)
             s += m
         order = sorted(range(len(seg)), key=lambda r: -seg[r][2])
-        self.buckets = []  # (R*M,) stream index (N: padding), (R,) prompt, (R, 1, M, Lp+M) mask
+        self.buckets = []  # (R*M,) stream index, (R,) prompt, (R, 1, M, Lp+M) mask
         back = [0] * N  # stream position -> row of the concatenated bucket outputs
         at = 0
         for b in range(0, len(order), self.BUCKET):
@@ -173,7 +175,7 @@ class _RowBuckets:
             flat = []
             for i, r in enumerate(rows):
                 m = seg[r][2]
-                flat += [*range(start[r], start[r] + m), *[N] * (M - m)]
+                flat += [*range(start[r], start[r] + m), *[start[r]] * (M - m)]
                 back[start[r] : start[r] + m] = range(at + i * M, at + i * M + m)
             at += len(rows) * M
             u = torch.tensor([row_u[seg[r][0]] for r in rows], device=device)
@@ -190,7 +192,6 @@ class _RowBuckets:
         H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
         if not self.buckets:
             return q.new_zeros((0, H * D))
-        q, k, v = (torch.cat([t, t.new_zeros((1, *t.shape[1:]))]) for t in (q, k, v))  # row N: 0
         outs = []
         for flat, u, mask in self.buckets:
             R, M = mask.shape[0], mask.shape[2]
