@@ -13,20 +13,20 @@ Both sides run the same algorithm on the same weights, prompts and reward, one s
   0.2), beta 0 (no reference model), one optimizer step per rollout, AdamW lr 5e-4 with betas
   (0.9, 0.99), no weight decay, gradient clipping at 1.0, fp32, no vLLM.
 
-Our step is built from the components of ``ahamoment.stages.zero``: ``sample_groups`` (rollout
-and reward), the ``grpo`` advantage, then ``policy_update`` (loss, backward, AdamW step), with
+Our step is built from the components `aha zero` runs: ``rl.rollouts.sample_groups`` (rollout
+and reward), the ``grpo`` advantage, then ``rl.update.policy_update`` (loss, backward, AdamW step), with
 the zero recipe's micro-batch of 32 sequences (4 groups) per packed forward/backward. TRL runs
 ``GRPOTrainer.train`` with every setting pinned and printed (loss_type, micro-batch size,
 steps_per_generation, gradient checkpointing off, fp32); its completion tokens are counted from
-the ids its reward function receives. TRL's best settings here, measured on this box with one
-thread: micro-batch 16 with steps_per_generation = gradient_accumulation_steps = 8 (one optimizer
-step per generation, no old-policy forward), about 1.2x faster than 128, 64 or 32 and level with
-8; plain ``generate`` (continuous batching was 5x slower on CPU); no gradient checkpointing (TRL
-defaults it on); fp32 (bf16 autocast is 2.4x slower on CPU at this size).
+the ids its reward function receives. TRL gets the settings that ran fastest for it here with one
+thread (docs/results/performance.md): micro-batch 16 with steps_per_generation =
+gradient_accumulation_steps = 8 (one optimizer step per generation, no old-policy forward);
+plain ``generate`` rather than continuous batching; no gradient checkpointing (TRL defaults it
+on); fp32 rather than bf16 autocast.
 
 Each repeat loads fresh weights for each side, makes one warm-up step, then times ``--steps``
 steps end to end (wall clock from the end of one step to the end of the next). Every run pins one
-torch thread (two threads on a loaded 2-core box stall by up to 50x), and the sides alternate
+torch thread (two threads on a loaded 2-core box stall; FINDINGS.md), and the sides alternate
 TRL/ours/TRL/ours. The speedup is the median over repeats of (ours tok/s / TRL tok/s), each pair
 measured back to back. Models: ``llama3m`` (about 3.2M parameters, random weights, built from a
 config with the embedded tokenizer) and ``default`` (the embedded default, built on first use).
@@ -65,14 +65,17 @@ from rich.table import Table
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
+from ahamoment import training
 from ahamoment.data import sample_excluding
-from ahamoment.evaluation import stop_ids
-from ahamoment.models import load_model, load_tokenizer, n_params, r1_zero_prompt
-from ahamoment.rewards import score
+from ahamoment.models import load_model, load_tokenizer, n_params
+from ahamoment.prompts import r1_zero_prompt, stop_ids
+from ahamoment.rewards import parse_weights, score
 from ahamoment.rl import ADVANTAGES
-from ahamoment.rollout import SamplingParams, make_engine
+from ahamoment.rl.rollouts import PromptSource, sample_groups
+from ahamoment.rl.update import TrainBatch, policy_update
+from ahamoment.rollout import make_engine
 from ahamoment.splits import excluded
-from ahamoment.stages.zero import OPTIMIZERS, ZeroConfig, policy_update, sample_groups
+from ahamoment.stages.zero import ZeroConfig
 from ahamoment.tasks import get_task
 
 MODELS = ("llama3m", "default")  # the embedded default goes last: its ratio is the headline
@@ -218,7 +221,7 @@ def run_trl(model_dir: Path, problems, sz: Sizes, tmp: str) -> tuple[list[float]
     data = Dataset.from_dict(
         {"prompt": [r1_zero_prompt(p.question) for p in flat], "pid": list(range(len(flat)))}
     )
-    weights = ZeroConfig(reward=REWARD).reward_weights()
+    weights = parse_weights(REWARD)
     tokens: list[int] = []
 
     def reward(prompts, completions, completion_ids, pid, **kw) -> list[float]:
@@ -263,7 +266,7 @@ def our_config(model_dir: Path, sz: Sizes, skip_zero_adv: bool = True) -> ZeroCo
         reward=REWARD,
         advantage="grpo",
         loss="grpo",
-        optimizer="adamw",
+        lora_rank=0,  # every weight trains, as TRL's
         lr=LR,
         warmup=0,
         weight_decay=0.0,
@@ -289,12 +292,11 @@ def run_ours(
     cfg = our_config(model_dir, sz, skip_zero_adv)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
-    pad_id = tokenizer.pad_token_id
-    task, exclude, weights = get_task(TASK), excluded(TASK), cfg.reward_weights()
-    params = SamplingParams(1.0, 1.0, 0, sz.max_new_tokens, stop_ids(tokenizer))
+    source = PromptSource(get_task(TASK), excluded(TASK))
+    rollouts, update = cfg.rollout_settings(tokenizer), cfg.update_settings(tokenizer.pad_token_id)
     adv_fn = ADVANTAGES.get(cfg.advantage)
     accelerator = Accelerator(cpu=True)
-    optimizer = OPTIMIZERS.get(cfg.optimizer)(model.parameters(), cfg)
+    optimizer = training.adamw(model, cfg, betas=training.RL_BETAS, fused=True)  # as `aha zero`
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = make_engine(cfg.engine, accelerator.unwrap_model(model), tokenizer)  # in-process
     seconds, tokens = [], []
@@ -302,36 +304,25 @@ def run_ours(
     t_prev = time.perf_counter()
     for s in range(n_steps):
         rng, gen = random.Random(s), torch.Generator().manual_seed(s)
-        batch, _, _ = sample_groups(
-            engine, tokenizer, task, cfg, rng, gen, exclude, params, weights
-        )
+        batch, _, _ = sample_groups(engine, tokenizer, source, rollouts, rng, gen)
         t_roll = time.perf_counter()
-        adv = adv_fn(torch.tensor(batch.rb.total), cfg.group_size)  # (B,)
+        adv = adv_fn(torch.tensor(batch.rewards.total), cfg.group_size)  # (B,)
         in_loss = torch.ones(len(batch), dtype=torch.bool)  # (B,) no overlong masking
         model.train()
+        # one optimizer step per rollout: old log-probs are the current ones, detached; beta 0:
+        # no reference model
         stats = policy_update(
-            model,
-            optimizer,
-            accelerator,
-            batch,
-            adv,
-            None,  # one optimizer step per rollout: old log-probs are the current ones, detached
-            None,  # beta 0: no reference model
-            in_loss,
-            cfg.loss_config(kl_coef=0.0),
-            cfg,
-            gen,
-            pad_id,
+            model, optimizer, accelerator, TrainBatch(batch, adv, in_loss), update, gen
         )
         t_end = time.perf_counter()
         seconds.append(t_end - t_prev)
-        tokens.append(sum(batch.gen.lengths))
+        tokens.append(sum(batch.lengths))
         if s > 0:  # outside the clock: how much of the rollout+reward time is the reward
             split["rollout+reward"] += t_roll - t_prev
             split["train"] += t_end - t_roll
             split["rows"] += stats["train_rows_frac"]
             t0 = time.perf_counter()
-            score(batch.problems, batch.gen.texts, weights)
+            score(batch.problems, batch.texts, rollouts.weights)
             split["reward"] += time.perf_counter() - t0
         t_prev = time.perf_counter()
     return seconds, tokens, split

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from ahamoment.models import build_tokenizer, new_model, r1_zero_prompt, tiny_llama_config
+from ahamoment.models import build_tokenizer, new_model, tiny_llama_config
+from ahamoment.prompts import r1_zero_prompt
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import TraceNoise
 

@@ -7,7 +7,6 @@ import pytest
 
 from ahamoment import cli
 from ahamoment import config as cfglib
-from ahamoment.stages.pretrain import PretrainConfig
 from ahamoment.stages.zero import ZeroConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -34,7 +33,10 @@ def test_field_docs_are_read_from_source():
     }
 
 
-@pytest.mark.parametrize("cls", [ZeroConfig, PretrainConfig])
+STAGE_CONFIGS = [cli._load(c)[0] for c in cli.COMMANDS.values()]
+
+
+@pytest.mark.parametrize("cls", STAGE_CONFIGS, ids=lambda c: c.__name__)
 def test_every_stage_field_is_documented(cls):
     import dataclasses
 
@@ -100,6 +102,55 @@ def test_every_recipe_loads(recipe):
     cls = cli._load(cli.COMMANDS[recipe.name.split("-")[0]])[0]  # the stage the name starts with
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text
+    # the header says what the recipe does, in 5 lines or fewer (results live in docs/results)
+    header = [ln for ln in text.split("\n\n")[0].splitlines() if ln.startswith("#")]
+    assert 1 <= len(header) <= 5, f"{recipe.name}: {len(header)} header lines"
+
+
+RECOMMENDED = {
+    "zero": "zero-countdown.yaml",
+    "pretrain": "pretrain-countdown.yaml",
+    "eval": "eval-countdown.yaml",
+    "distill": "distill-countdown.yaml",
+    "r1": "r1-countdown.yaml",
+}
+
+
+@pytest.mark.parametrize("stage", sorted(RECOMMENDED))
+def test_a_bare_stage_runs_its_recommended_recipe(stage):
+    # `aha zero` with no flags is `aha zero --recipe recipes/zero-countdown.yaml`, field by field
+    cls = cli._load(cli.COMMANDS[stage])[0]
+    recipe = Path(__file__).parent.parent / "recipes" / RECOMMENDED[stage]
+    bare, recommended = cfglib.to_dict(cfglib.build(cls)), cfglib.to_dict(cfglib.build(cls, recipe))
+    assert {k: v for k, v in bare.items() if recommended[k] != v} == {}
+
+
+def test_a_shared_field_keeps_its_doc_where_a_stage_changes_its_default():
+    from ahamoment.args import HeldoutArgs, LoraArgs
+    from ahamoment.stages.sft import SFTConfig
+
+    assert ZeroConfig().lora_rank == 4 and SFTConfig(data="x").lora_rank == 0
+    assert ZeroConfig().max_new_tokens == 192 and HeldoutArgs().max_new_tokens == 128
+    for cls in (ZeroConfig, SFTConfig):
+        assert cfglib.field_docs(cls)["lora_rank"] == cfglib.field_docs(LoraArgs)["lora_rank"]
+
+
+def test_help_shows_each_argument_group_as_a_section(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["zero", "--help"])
+    out = capsys.readouterr().out
+    sections = [
+        ln[:-1] for ln in out.splitlines() if ln and not ln[0].isspace() and ln.endswith(":")
+    ]
+    assert sections[-5:] == [
+        "GRPO: rollouts, rewards, the policy update and periodic evaluation",
+        "Base model and task",
+        "Optimisation, hardware and the run directory",
+        "LoRA adapters (peft)",
+        "Held-out evaluation",
+    ]
+    # a shared field is listed under its group: --lora-rank after the LoRA heading
+    assert out.index("\n  --lora-rank N") > out.index("LoRA adapters (peft):")
 
 
 def test_lr_schedule_warms_up_holds_then_decays_to_the_last_step():
@@ -110,7 +161,7 @@ def test_lr_schedule_warms_up_holds_then_decays_to_the_last_step():
     assert [lr_factor(cfg, s) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     whole = cfglib.build(ZeroConfig, steps=4, warmup=1, lr_decay=100)  # decays over all 4
     assert [lr_factor(whole, s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    flat = cfglib.build(ZeroConfig, steps=10, warmup=2)
+    flat = cfglib.build(ZeroConfig, steps=10, warmup=2, lr_decay=0)
     assert [lr_factor(flat, s) for s in range(10)] == [0.5] + [1.0] * 9
 
 

@@ -28,9 +28,9 @@ import pytest
 
 from ahamoment import cli
 from ahamoment.models import save_model
-from ahamoment.stages.distill import DistillConfig, DistillGenerateConfig, distill_generate
+from ahamoment.stages.distill import DistillConfig, DistillGenerateConfig, distill, distill_generate
 from ahamoment.tasks import get_task
-from ahamoment.teachers import ChatTeacher, TeacherSample, split_reasoning
+from ahamoment.teachers import ChatTeacher, split_reasoning, teacher_sample
 from ahamoment.traces import TraceFilters, filter_samples, read_traces
 
 ROOT = Path(__file__).parent.parent
@@ -54,14 +54,14 @@ def test_reasoning_is_read_in_the_documented_order(message, expected):
 
 
 def _s(reasoning, answer):
-    return TeacherSample(reasoning, f"<answer>{answer}</answer>")
+    return teacher_sample(reasoning, f"<answer>{answer}</answer>")
 
 
 def test_each_filter_counts_its_own_rejections():
     samples = [
         _s("9+5=14,14-3=11", "9+5-3"),  # kept
         _s(None, "9+5-3"),  # no_reasoning
-        TeacherSample("9+5=14", ""),  # format: no answer at all
+        teacher_sample("9+5=14", ""),  # format: no answer at all
         _s("9+3=12", "9+3-5"),  # incorrect (7)
         _s("x" * 100, "9+5-3"),  # too_long (max_chars 80)
         _s("9+5=14,14−3=11 计算", "9+5-3"),  # language: 3 of 16 characters non-ASCII
@@ -294,13 +294,16 @@ def test_local_teacher_counts_add_up(tmp_path, tiny_model, tiny_tokenizer):
     assert len(read_traces(out)) == stats["accepted"]
 
 
-def test_configs_reject_bad_combinations():
+def test_configs_reject_bad_combinations(tmp_path):
     with pytest.raises(ValueError, match="--teacher DIR"):
         DistillGenerateConfig(out="x")
     with pytest.raises(ValueError, match="--api-model"):
         DistillGenerateConfig(out="x", base_url="http://h/v1")
-    with pytest.raises(ValueError, match="--teacher"):
-        DistillConfig()
+    # the default teacher is the README's `aha zero --out runs/zero-countdown` run: without it,
+    # the comparison stops before it builds or writes anything
+    with pytest.raises(FileNotFoundError, match="--teacher .*aha zero --out runs/zero-countdown"):
+        distill(DistillConfig(teacher=str(tmp_path / "none"), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
     assert DistillConfig(teacher="t", seeds="0, 1").seed_list() == [0, 1]
 
 

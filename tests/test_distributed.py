@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from ahamoment import config as cfglib
 from ahamoment.distributed import Ranks, mix_seed, seed_blocks
 from ahamoment.models import save_model
+from ahamoment.rl.rollouts import default_seed_block
 from ahamoment.stages.sft import SFTConfig, sft
-from ahamoment.stages.zero import ZeroConfig, default_seed_block, zero
+from ahamoment.stages.zero import ZeroConfig, zero
 
 ROOT = Path(__file__).parent.parent
 TESTS = Path(__file__).parent

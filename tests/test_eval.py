@@ -21,16 +21,18 @@ import pytest
 import torch
 
 from ahamoment import cli
-from ahamoment.rollout import Request, SamplingParams, TextRequest, ThinkingBudget, TorchEngine
-from ahamoment.rollout.openai_engine import OpenAIEngine, completion_from_choice
-from ahamoment.stages.eval import (
-    EvalConfig,
-    Sample,
-    load_problems,
-    prompt_text,
-    score_problem,
-    summarize,
+from ahamoment.evaluation import score_problem, summarize
+from ahamoment.prompts import prompt_text
+from ahamoment.rollout import (
+    Completion,
+    Request,
+    SamplingParams,
+    TextRequest,
+    ThinkingBudget,
+    TorchEngine,
 )
+from ahamoment.rollout.openai_engine import OpenAIEngine, completion_from_choice
+from ahamoment.stages.eval import EvalConfig, load_problems
 from ahamoment.tasks import get_task
 from tests_support import default_sigint, serve_on_loopback
 
@@ -42,9 +44,12 @@ COUNTDOWN_ROWS = [  # the real file's shape: `answer` is only the target
 ]
 
 
-def _s(answer: str | None) -> Sample:
-    text = "<think>\nx\n</think>\n" + (f"<answer>{answer}</answer>" if answer is not None else "")
-    return Sample(text, 10, 3, "stop")
+def _s(answer: str | None, think: str = "x") -> Completion:
+    """A decoded 10-token completion whose thinking is ``think`` (3 tokens, say)."""
+    text = f"<think>\n{think}\n</think>\n" + (
+        f"<answer>{answer}</answer>" if answer is not None else ""
+    )
+    return Completion(ids=list(range(10)), logprobs=[], finish_reason="stop", text=text, think=3)
 
 
 def _write(path: Path, rows: list[dict]) -> str:
@@ -99,6 +104,27 @@ def test_pass_at_k_parse_failures_and_summary_by_hand():
     assert s["parse_fail_rate"] == 0.25  # 2 of 8 samples
     assert s["format_rate"] == 0.875  # only the sample without <answer> is unformatted
     assert s["mean_len"] == 10 and s["n"] == 2 and s["k"] == 4 and s["settings"] == settings
+    assert s["mean_think"] == 3 and s["truncated_rate"] == 0.0
+    assert s["reflection_rate"] == 0.0 and s["step_accuracy"] is None  # "x": no step
+
+
+def test_reasoning_figures_of_the_summary_by_hand():
+    p = get_task("countdown").make([5, 9, 15], 19)
+    samples = [
+        # two steps, both right; a rejecting check, then another try: a self-correction
+        _s("15+9-5", "5+9=14,14|19,no\nwait,check:19-14=5,no\n15+9=24,24-5=19,yes"),
+        # one wrong step (9+5=15), a check that accepts: reflection, no self-correction
+        _s("9+5+15", "9+5=15,15|19,no\nwait,check:19-19=0,yes"),
+        # no reflection; one foreign symbol (language.py) makes the reasoning mixed
+        _s("15+9-5", "15+9=24,24-5=19 \uff1d"),
+    ]
+    s = summarize([score_problem(p, samples)], {"k": 3})
+    assert s["reflection_rate"] == 2 / 3
+    assert s["self_correction_rate"] == 1 / 3
+    # steps: 5+9=14, 19-14=5, 15+9=24, 24-5=19 | 9+5=15 (wrong), 19-19=0 | 15+9=24, 24-5=19
+    assert s["step_accuracy"] == 7 / 8
+    assert s["mixing_rate"] == 1 / 3
+    assert s["pass1"] == 2 / 3
 
 
 def test_pass_at_k_is_the_unbiased_estimator_when_k_samples_of_more():

@@ -9,7 +9,8 @@ import pytest
 
 from ahamoment.language import FOREIGN_TOKENS, TO_FOREIGN, bilingual_tokens, reasoning, to_foreign
 from ahamoment.metrics import is_mixed, mixing_rate
-from ahamoment.models import build_tokenizer, r1_zero_prompt
+from ahamoment.models import build_tokenizer
+from ahamoment.prompts import r1_zero_prompt
 from ahamoment.rewards import REWARDS, language_reward
 from ahamoment.stages.pretrain import PretrainConfig, make_corpus
 from ahamoment.tasks import get_task

@@ -5,7 +5,8 @@ import sys
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from ahamoment.models import load_tokenizer, r1_zero_prompt, save_model
+from ahamoment.models import load_tokenizer, save_model
+from ahamoment.prompts import r1_zero_prompt
 from tests_support import corpus_text
 
 

@@ -10,8 +10,10 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ahamoment.evaluation import Generated
-from ahamoment.stages.zero import Rollout, ZeroConfig, policy_update
+from ahamoment.rl.rollouts import Rollout
+from ahamoment.rl.update import TrainBatch, policy_update
+from ahamoment.rollout import Completion
+from ahamoment.stages.zero import ZeroConfig
 
 torch.set_num_threads(1)
 
@@ -61,13 +63,15 @@ def _rollout(rows: list[int] | None = None) -> Rollout:
     return Rollout(
         problems=[f"problem {r // 4}" for r in rows],  # any object will do
         prompts=[PROMPTS[r // 4] for r in rows],
-        gen=Generated(
-            texts=[""] * len(rows),
-            lengths=[len(c) for c in comps],
-            ids=comps,
-            logprobs=[[-1.0] * len(c) for c in comps],
-            finish=["length" if len(c) == 6 else "stop" for c in comps],
-        ),
+        completions=[
+            Completion(
+                ids=c,
+                logprobs=[-1.0] * len(c),
+                finish_reason="length" if len(c) == 6 else "stop",
+                text="",
+            )
+            for c in comps
+        ],
     )
 
 
@@ -100,7 +104,7 @@ def _update(
         minibatches=minibatches,
         micro_batch=micro_batch,
         max_new_tokens=6,
-        overlong_buffer=4,  # the default 16 does not fit max_new_tokens 6
+        overlong_buffer=4,  # the default 64 does not fit max_new_tokens 6
         loss=loss,
         kl_coef=0.1,
         kl_estimator="k3",
@@ -113,19 +117,20 @@ def _update(
     keep = torch.tensor(in_loss if in_loss is not None else [True] * len(rows))
     old_rows = old[rows] + old_shift * (~keep)[:, None].to(old.dtype)  # garbage for left-out rows
     width = max(len(COMPLETIONS[r]) for r in rows)
+    batch = TrainBatch(
+        rollout=_rollout(rows),
+        advantages=torch.tensor(adv or [ADV[r] for r in rows], dtype=F64),
+        in_loss=keep,
+        old_logp=old_rows[:, :width],
+        ref_logp=ref[rows][:, :width],
+    )
     LAST_STATS[(loss, minibatches, micro_batch)] = policy_update(
         model,
         optimizer,
         accelerator,
-        _rollout(rows),
-        torch.tensor(adv or [ADV[r] for r in rows], dtype=F64),
-        old_rows[:, :width],
-        ref[rows][:, :width],
-        keep,
-        cfg.loss_config(),
-        cfg,
+        batch,
+        cfg.update_settings(PAD),
         torch.Generator().manual_seed(11),  # the same minibatch order in every run
-        PAD,
     )
     return {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
@@ -228,6 +233,7 @@ def _adamw_run(loss: str, advs: list[list[float]], skip: bool, minibatches: int 
         minibatches=minibatches,
         max_new_tokens=6,
         overlong_buffer=4,
+        micro_batch=0,  # one group per forward/backward
         loss=loss,
         kl_coef=0.0,
         skip_zero_adv=skip,
@@ -248,15 +254,14 @@ def _adamw_run(loss: str, advs: list[list[float]], skip: bool, minibatches: int 
                 model,
                 optimizer,
                 accelerator,
-                _rollout(),
-                torch.tensor(adv, dtype=F64),
-                old,
-                None,
-                torch.ones(8, dtype=torch.bool),
-                cfg.loss_config(),
-                cfg,
+                TrainBatch(
+                    rollout=_rollout(),
+                    advantages=torch.tensor(adv, dtype=F64),
+                    in_loss=torch.ones(8, dtype=torch.bool),
+                    old_logp=old,
+                ),
+                cfg.update_settings(PAD),
                 torch.Generator().manual_seed(11),
-                PAD,
             )
         )
     state = [s["exp_avg"].clone() for s in optimizer.state.values()]

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ahamoment.evaluation import stop_ids
 from ahamoment.models import save_model
+from ahamoment.prompts import stop_ids
 from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.rollout.base import Request
 from ahamoment.server import Service, StopFilter, ThinkSplitter, make_app, split_reasoning

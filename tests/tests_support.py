@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ahamoment.models import r1_zero_prompt
+from ahamoment.prompts import r1_zero_prompt
 
 GQA_VOCAB = 64
 # 2 layers, 4 query heads over 2 key/value heads (grouped-query attention), float32.

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ahamoment.evaluation import encode_prompts, generate, stop_ids
+from ahamoment.evaluation import generate
 from ahamoment.models import load_model, load_tokenizer
+from ahamoment.prompts import encode_prompts, stop_ids
 from ahamoment.rewards import judge
-from ahamoment.rollout import SamplingParams
+from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.splits import heldout, real_countdown
 
 STEP = re.compile(r"(?<![\d+\-*/])(\d+)([+\-*/])(\d+)=(\d+)")
@@ -145,13 +146,15 @@ def main() -> None:
     problems = list(real_countdown())[: args.n] if args.real else heldout(args.task, args.n)
     rows = [p for p in problems for _ in range(args.k)]
     params = SamplingParams(args.temperature, 1.0, 0, args.max_new_tokens, stop_ids(tok))
-    gen = generate(model, tok, encode_prompts(tok, rows), params, torch.Generator().manual_seed(0))
+    engine = TorchEngine(model, tok, max_batch_rows=256)
+    gen = generate(engine, tok, encode_prompts(tok, rows), params, torch.Generator().manual_seed(0))
+    texts = [c.text for c in gen]
     meta = json.loads((Path(args.model) / "ahamoment_pretrain.json").read_text())
     reverse = bool(meta.get("config", {}).get("reversed_digits"))
-    for key, v in probe(gen.texts, rows, reverse).items():
+    for key, v in probe(texts, rows, reverse).items():
         print(f"{key:>20}: {v:.3f}")
-    print(f"{'mean length':>20}: {sum(gen.lengths) / len(gen.lengths):.1f}")
-    for t in gen.texts[:3]:
+    print(f"{'mean length':>20}: {sum(c.length for c in gen) / len(gen):.1f}")
+    for t in texts[:3]:
         print("---\n" + t)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ahamoment.stages.report import load_run
+from ahamoment.runs import load_run
 
 
 def pooled(by_size: dict | None) -> float | None:

@@ -31,10 +31,11 @@ from collections import Counter
 
 import torch
 
-from ahamoment.evaluation import encode_prompts, generate, stop_ids
+from ahamoment.evaluation import generate
 from ahamoment.models import load_model, load_tokenizer, set_threads
+from ahamoment.prompts import encode_prompts, stop_ids
 from ahamoment.rewards import extract_answer
-from ahamoment.rollout.base import SamplingParams
+from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.splits import heldout
 from ahamoment.tasks import get_task
 
@@ -62,11 +63,13 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     model = load_model(args.model).eval()
     params = SamplingParams(1.0, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids(tok))
+    engine = TorchEngine(model, tok, max_batch_rows=256)
     out = generate(
-        model, tok, encode_prompts(tok, problems), params, torch.Generator().manual_seed(args.seed)
+        engine, tok, encode_prompts(tok, problems), params, torch.Generator().manual_seed(args.seed)
     )
     cat, lines = Counter(), Counter()
-    for p, text, finish in zip(problems, out.texts, out.finish):
+    for p, c in zip(problems, out):
+        text, finish = c.text, c.finish_reason
         target = p.fields["target"]
         tries = [m for ln in text.split("\n") if (m := TRY.match(ln))]
         lines["tries"] += len(tries)

@@ -100,9 +100,13 @@ def _parser(name: str, cmd: Command, config_cls: type) -> argparse.ArgumentParse
         prog=f"aha {name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every option is also a field of a --recipe YAML file (field_name: value); "
+        "flags win over the recipe, the recipe over the defaults.",
     )
     parser.add_argument(
-        "--recipe", metavar="FILE", help="YAML recipe; flags given here override it"
+        "--recipe",
+        metavar="FILE",
+        help="YAML recipe (recipes/*.yaml); flags given here override it",
     )
     cfglib.add_arguments(parser, config_cls)
     if positional := getattr(config_cls, "positional", ""):  # e.g. `aha report RUN_DIR...`

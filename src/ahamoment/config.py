@@ -88,13 +88,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _section(cls: type, name: str) -> type:
+    """The most basic class in ``cls``'s MRO that declares field ``name`` (a shared argument
+    group, ``args.py``, even where the stage gives the field another default)."""
+    for klass in reversed(cls.__mro__):
+        if name in vars(klass).get("__annotations__", {}):
+            return klass
+    return cls
+
+
+def _title(klass: type) -> str:
+    """A section title: the class docstring's first line (dataclass's own repr-like docstring
+    does not count)."""
+    doc = (klass.__doc__ or "").strip()
+    if not doc or doc.startswith(f"{klass.__name__}("):
+        return f"{klass.__name__} options"
+    return doc.splitlines()[0].rstrip(".")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field, its help taken from the field docstring."""
+    """One ``--flag`` per field, its help taken from the field docstring; the fields of each
+    shared argument group form a section of their own, after the stage's own."""
     docs = field_docs(cls)
-    group = parser.add_argument_group(f"{cls.__name__} (each also settable in a --recipe YAML)")
-    for f in dataclasses.fields(cls):
-        if f.name.startswith("_"):
-            continue
+    fields = [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    owners = {f.name: _section(cls, f.name) for f in fields}
+    order = [cls] + [k for k in dict.fromkeys(owners.values()) if k is not cls]
+    groups = {k: parser.add_argument_group(_title(k)) for k in order}
+    for f in sorted(fields, key=lambda f: order.index(owners[f.name])):
+        group = groups[owners[f.name]]
         tp = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")

@@ -17,25 +17,41 @@ class DataError(ValueError):
     """A bad data row; the message starts with ``path:line: ``."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, row)`` for each non-blank line; line numbers start at 1."""
+def read_jsonl(path: str | Path, *, tolerant: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, row)`` for each non-blank line; line numbers start at 1.
+
+    Strict (the default, for inputs): a line that is not a UTF-8 JSON object raises
+    ``DataError`` naming the file and line. ``tolerant`` (for files a live or killed run
+    writes): a missing file is empty, and a torn or invalid line is skipped.
+    """
+    if tolerant and not Path(path).exists():
+        return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield lineno, row
+                row = _parse_line(raw, path, lineno)
+            except DataError:
+                if tolerant:
+                    continue
+                raise
+            if row is not None:
+                yield lineno, row
+
+
+def _parse_line(raw: bytes, path: str | Path, lineno: int) -> dict[str, Any] | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason})") from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def sample_excluding(

@@ -29,7 +29,6 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -146,15 +145,13 @@ _CLOSING: list[bool] = []
 
 def deterministic_cpu() -> None:
     """torch's deterministic algorithms, so that the same seed and thread count give the same
-    run bit for bit. With two threads, the trainer's gradients otherwise differed between two
-    backward passes over the same batch (by ~4e-6; we did not pin down which kernel), and RL
-    amplified that: two fresh `aha zero` runs of the same code ended at pass@1 0.405 and 0.458.
-    CPU only (GPUs need CUBLAS_WORKSPACE_CONFIG and may slow down); on 40 `aha zero` steps the
-    step time was the same with and without (1.454 vs 1.448 s). ``warn_only``: an op with no
+    run bit for bit: with two threads, gradients otherwise differ between two backward passes
+    over the same batch, and RL amplifies the difference (docs/results/performance.md). CPU
+    only (GPUs need CUBLAS_WORKSPACE_CONFIG and may slow down). ``warn_only``: an op with no
     deterministic kernel warns instead of failing the run. Deterministic mode would also fill
     every ``torch.empty`` with NaN; that is turned off, because it makes the sampler's whole KV
-    cache resident (peak RSS of the README's run: 5.3 GB instead of 3.8 GB) and our code never
-    reads memory it did not write (tests/test_engines.py fills it with NaN and checks)."""
+    cache resident, and our code never reads memory it did not write (tests/test_engines.py
+    fills it with NaN and checks)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
 
@@ -171,15 +168,3 @@ def share_threads(threads: int) -> int:
         return set_threads(threads)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return set_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local)))
-
-
-def claim_run_dir(run: Path, resume: bool, resume_from: Path | None, ranks: Ranks) -> None:
-    """Refuse a non-empty run directory unless resuming; every rank checks before any writes."""
-    if resume_from is None and run.exists() and any(p.name != "config.yaml" for p in run.iterdir()):
-        if not resume:
-            raise FileExistsError(
-                f"{run} is not empty; pass --resume to continue it, or another --out"
-            )
-    ranks.barrier()
-    if ranks.main:
-        run.mkdir(parents=True, exist_ok=True)

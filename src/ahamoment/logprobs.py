@@ -9,8 +9,8 @@ with G full forwards (a test checks it). Two ways to do that:
   (each row's last token predicts nothing and is left out). Projections and MLPs run on the
   stream as one matmul each; only attention runs per row (a few rows per call, ``_RowBuckets``),
   over its prompt's keys and its own causal keys. A batch of completions of mixed lengths costs
-  its real tokens, not rows x the longest: in GRPO rollouts padding was 44-76% extra tokens per
-  group.
+  its real tokens, not rows x the longest (docs/results/performance.md: how much padding
+  that saves on GRPO rollouts).
 - HF shared prefix (any other decoder, and DDP-wrapped models, whose gradient sync needs the
   wrapper's own forward): the prompt's KV cache is gathered to the rows that share it with a
   differentiable index and the right-padded completions run through the model's forward.
@@ -150,9 +150,7 @@ class _RowBuckets:
 
     Why buckets of 4: one call per row spends more on per-call work (slices, concatenations
     and their backward) than on arithmetic, and large buckets pay for padding and for a
-    masked kernel over longer rows. On GRPO batches (128 rows, micro-batch 32) 4 trained 5-6%
-    faster than one call per row, on the embedded model and on the 3.2M Llama; 16 and 32 were
-    no faster or slower.
+    masked kernel over longer rows (timings: docs/results/performance.md).
     """
 
     BUCKET = 4

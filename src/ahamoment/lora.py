@@ -97,8 +97,8 @@ def sampling_model(model: torch.nn.Module) -> torch.nn.Module:
 def merged_copy(model: torch.nn.Module, base: str | Path) -> torch.nn.Module:
     """A plain model of ``base``'s architecture holding ``model``'s weights with the adapters
     merged in, on ``model``'s device: what our sampler decodes from. Each projection is then one
-    matmul, not three (W·x + B·(A·x)·alpha/r): rollouts of the README run went from 10.3k to
-    13.1k tokens/s. ``TorchEngine.sync_weights(policy)`` refreshes it after every optimizer step."""
+    matmul, not three (W·x + B·(A·x)·alpha/r). ``TorchEngine.sync_weights(policy)`` refreshes it
+    after every optimizer step."""
     device = next(model.parameters()).device
     plain = load_model(base).to(device)
     plain.load_state_dict(merged_state_dict(model))

@@ -121,8 +121,8 @@ def arithmetic_steps(text: str, reversed_digits: bool = False) -> tuple[int, int
     """(correct, total) integer steps ``a+b=c``, ``a-b=c``, ``a*b=c`` written in the reasoning;
     ``reversed_digits``: numbers are written least-significant digit first (85+28=041).
 
-    The per-step reliability of sampled arithmetic decides whether a longer search can pay
-    (FINDINGS.md): log it beside accuracy.
+    The per-step reliability of sampled arithmetic decides whether a longer search can pay:
+    log it beside accuracy.
     """
     thinking = _END_OF_THINKING_RE.split(text, maxsplit=1)[0]
 

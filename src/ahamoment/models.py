@@ -25,30 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+from ahamoment.prompts import CHAT_TEMPLATE, THINK_TAGS, r1_zero_prompt
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
-
-# The R1-Zero prompt (DeepSeek-R1 paper, Table 1), with the task's question in place.
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The assistant first thinks about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within "
-    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-    "process here </think> <answer> answer here </answer>. User: {question} Assistant:"
-)
-_PREFIX, _SUFFIX = R1_ZERO_TEMPLATE.split("{question}")
-# Jinja chat template that renders exactly R1_ZERO_TEMPLATE for one user message.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}"
-    + _PREFIX.replace("<", "{{ '<' }}")
-    + "{{ m['content'] }}"
-    + _SUFFIX
-    + "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
-)
-
-
-def r1_zero_prompt(question: str) -> str:
-    return R1_ZERO_TEMPLATE.format(question=question)
 
 
 def set_threads(n: int) -> int:

@@ -88,6 +88,22 @@ def language_reward(problem: Problem, completion: str) -> float:
     return sum(not is_foreign(c) for c in counted) / len(counted)
 
 
+def parse_weights(spec: str) -> dict[str, float]:
+    """``"accuracy=1.0,format=0.1"`` -> ``{"accuracy": 1.0, "format": 0.1}`` (weight 1 when
+    omitted); every name must be a registered reward or an importable ``pkg.mod:fn``."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition("=")
+        try:
+            weights[name.strip()] = float(w) if w else 1.0
+        except ValueError as e:
+            raise ValueError(f"reward {part!r}: weight must be a number") from e
+        REWARDS.get(name.strip())
+    if not weights:
+        raise ValueError("reward: give at least one name=weight pair")
+    return weights
+
+
 @dataclass
 class RewardBatch:
     """Rewards for a batch of completions, with what is needed to spot a broken reward."""
@@ -101,6 +117,29 @@ class RewardBatch:
     parse_fail: list[bool]
     """True when there is no answer or the verifier could not parse it."""
     correct: list[bool]
+
+    def select(self, rows: Sequence[int]) -> RewardBatch:
+        """The given completions' rewards, in order (the error counts stay the batch's)."""
+        return RewardBatch(
+            total=[self.total[r] for r in rows],
+            components={k: [v[r] for r in rows] for k, v in self.components.items()},
+            errors=dict(self.errors),
+            parse_fail=[self.parse_fail[r] for r in rows],
+            correct=[self.correct[r] for r in rows],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[RewardBatch]) -> RewardBatch:
+        """Several batches' rewards one after another; error counts are summed."""
+        return RewardBatch(
+            total=[x for rb in parts for x in rb.total],
+            components={
+                k: [x for rb in parts for x in rb.components[k]] for k in parts[0].components
+            },
+            errors={k: sum(rb.errors[k] for rb in parts) for k in parts[0].errors},
+            parse_fail=[x for rb in parts for x in rb.parse_fail],
+            correct=[x for rb in parts for x in rb.correct],
+        )
 
 
 def score(
@@ -130,4 +169,6 @@ def score(
         _, verdict = judge(p, c)
         parse_fail.append(not verdict.parsed)
         correct.append(verdict.correct)
-    return RewardBatch(total, components, errors, parse_fail, correct)
+    return RewardBatch(
+        total=total, components=components, errors=errors, parse_fail=parse_fail, correct=correct
+    )

@@ -53,8 +53,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ahamoment.evaluation import stop_ids
-from ahamoment.models import CHAT_TEMPLATE
+from ahamoment.prompts import CHAT_TEMPLATE, stop_ids
 from ahamoment.rollout.base import SamplingParams
 from ahamoment.rollout.sampler import sample_stream
 

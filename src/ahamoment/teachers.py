@@ -1,6 +1,8 @@
 """Teachers for distillation: a prompt in, n samples of (reasoning, answer) out.
 
-Two kinds share one interface, ``sample(questions, n, seed) -> list[TeacherResult]``:
+Two kinds share one interface, ``sample(questions, n, seed) -> list[TeacherResult]``; each
+sample is a ``Completion`` whose ``reasoning`` is the chain of thought and whose ``text`` is
+the final content after it:
 
 - ``LocalTeacher``: a local HF model directory sampled with our rollout engine on the
   R1-Zero prompt; the reasoning is the text inside ``<think>…</think>``.
@@ -23,33 +25,30 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ahamoment.evaluation import generate, stop_ids
-from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt
+from ahamoment.evaluation import generate
+from ahamoment.models import load_model, load_tokenizer
+from ahamoment.prompts import r1_zero_prompt, stop_ids
 from ahamoment.rewards import extract_answer
-from ahamoment.rollout import SamplingParams, TorchEngine
+from ahamoment.rollout import Completion, SamplingParams, TorchEngine
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-@dataclass
-class TeacherSample:
-    """One sample: the reasoning (None when the teacher gave none) and the final content."""
-
-    reasoning: str | None
-    content: str
-    finish: str = "stop"
+def teacher_sample(reasoning: str | None, content: str, finish: str = "stop") -> Completion:
+    """One teacher sample: its reasoning (None when the teacher gave none) and final content."""
+    return Completion(ids=[], logprobs=[], finish_reason=finish, text=content, reasoning=reasoning)
 
 
 @dataclass
 class TeacherResult:
     """All samples for one prompt, or the error that made the prompt fail."""
 
-    samples: list[TeacherSample] = field(default_factory=list)
+    samples: list[Completion] = field(default_factory=list)
     error: str | None = None
     attempts: int = 1
 
@@ -91,7 +90,10 @@ class LocalTeacher:
         self.model = load_model(path).eval()
         self.engine = TorchEngine(self.model, self.tokenizer, max_batch_rows=512)
         self.params = SamplingParams(
-            temperature, top_p, 0, max_new_tokens, stop_ids(self.tokenizer)
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids(self.tokenizer),
         )
 
     def sample(self, questions: Sequence[str], n: int, seed: int) -> list[TeacherResult]:
@@ -103,21 +105,18 @@ class LocalTeacher:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             out = generate(
-                self.model,
+                self.engine,
                 self.tokenizer,
                 [p for p in prompts for _ in range(n)],
                 self.params,
                 gen,
-                engine=self.engine,
             )
         results = []
         for i in range(len(questions)):
             samples = []
-            for text, finish in zip(
-                out.texts[i * n : (i + 1) * n], out.finish[i * n : (i + 1) * n]
-            ):
-                reasoning, content = split_reasoning({"content": text})
-                samples.append(TeacherSample(reasoning, content, finish))
+            for c in out[i * n : (i + 1) * n]:
+                reasoning, content = split_reasoning({"content": c.text})
+                samples.append(replace(c, text=content, reasoning=reasoning))
             results.append(TeacherResult(samples))
         return results
 
@@ -156,7 +155,7 @@ class ChatTeacher:
         self.backoff, self.max_backoff = backoff, max_backoff
         self.system = system
 
-    def _request(self, question: str, n: int, seed: int) -> list[TeacherSample]:
+    def _request(self, question: str, n: int, seed: int) -> list[Completion]:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": question}
         ]
@@ -182,7 +181,7 @@ class ChatTeacher:
             for c in choices:
                 reasoning, content = split_reasoning(c["message"])
                 finish = "length" if c.get("finish_reason") == "length" else "stop"
-                samples.append(TeacherSample(reasoning, content, finish))
+                samples.append(teacher_sample(reasoning, content, finish))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise RetryableError(f"malformed response ({type(e).__name__}: {e})") from e
         if not samples:
@@ -193,7 +192,7 @@ class ChatTeacher:
         """n samples; a server that returns fewer choices than asked (the DeepSeek API ignores
         ``n``) is asked again for the rest. Each request gets ``max_retries`` retries."""
         rng = random.Random(seed)
-        got: list[TeacherSample] = []
+        got: list[Completion] = []
         attempts = 0
         while len(got) < n:
             for retry in range(self.max_retries + 1):

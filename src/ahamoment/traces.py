@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ahamoment.rewards import format_reward, judge
+from ahamoment.rollout import Completion
 from ahamoment.tasks.base import Problem
-from ahamoment.teachers import TeacherSample, final_answer
+from ahamoment.teachers import final_answer
 
 REJECT_REASONS = (
     "no_reasoning",
@@ -65,7 +66,7 @@ def similarity(a: str, b: str) -> float:
 
 
 def filter_samples(
-    problem: Problem, samples: list[TeacherSample], filters: TraceFilters
+    problem: Problem, samples: list[Completion], filters: TraceFilters
 ) -> tuple[list[tuple[str, str, str]], Counter]:
     """Kept (reasoning, answer, completion) triples and the rejection counts by reason."""
     kept: list[tuple[str, str, str]] = []
@@ -76,7 +77,7 @@ def filter_samples(
         if not s.reasoning:
             rejected["no_reasoning"] += 1
             continue
-        answer = final_answer(s.content)
+        answer = final_answer(s.text or "")
         completion = completion_text(s.reasoning, answer)
         if not answer or format_reward(problem, completion) < 1.0:
             rejected["format"] += 1

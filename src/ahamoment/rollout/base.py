@@ -73,10 +73,31 @@ class SamplingParams:
 
 @dataclass
 class Completion:
+    """One completion: what an engine returns and, once decoded, what every stage reads.
+
+    The one type of a completion everywhere: rollouts, evaluations, teacher samples.
+    """
+
     ids: list[int]
+    """Token ids (empty when the source returns text only)."""
     logprobs: list[float]
-    finish_reason: str  # "stop" (a stop id or stop string ended it; kept) or "length"
-    text: str | None = None  # decoded text, set by engines that get text back (openai)
+    """Per-token log-probs under the sampler (see the module docstring)."""
+    finish_reason: str
+    """"stop" (a stop id or stop string ended it; kept) or "length"."""
+    text: str | None = None
+    """Decoded text: set by engines that get text back (openai), else by
+    ``evaluation.decode``. A teacher sample split into reasoning and answer holds the part
+    after the reasoning here."""
+    reasoning: str | None = None
+    """The reasoning, when a source returns it apart from ``text`` (a chat endpoint's
+    ``reasoning_content``, or a teacher sample's think block)."""
+    think: int | None = None
+    """Tokens before ``</think>`` (all of them when thinking never ends); None: unknown."""
+
+    @property
+    def length(self) -> int | None:
+        """Completion tokens; None when a text-only source did not say."""
+        return len(self.ids) if self.ids else (len(self.logprobs) or None)
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ahamoment import config as cfglib
+from ahamoment.base_models import ensure_base_model
 from ahamoment.data import DataError, sample_excluding
 from ahamoment.evaluation import heldout_figures
-from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt, set_threads
+from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.progress import progress_bar
+from ahamoment.prompts import r1_zero_prompt
+from ahamoment.runs import RunDir, interruptible
 from ahamoment.splits import excluded
-from ahamoment.stages.pretrain import ensure_base_model
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import Problem
 from ahamoment.teachers import ChatTeacher, LocalTeacher
@@ -156,25 +158,26 @@ def make_teacher(cfg: DistillGenerateConfig) -> Any:
 def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     set_threads(cfg.threads)
-    out = Path(cfg.out)
-    store = TraceStore(out, cfg.shard_rows)
-    cfglib.save_yaml(cfg, out / "config.yaml")
+    out = RunDir(cfg.out)
+    store = TraceStore(out.path, cfg.shard_rows)
+    out.save_config(cfg)
     problems = load_prompts(cfg)
     todo = [p for p in problems if p.id not in store.done]
     teacher = make_teacher(cfg)
     filters = cfg.filters()
     t0 = time.time()
     failed: dict[str, str] = {}
-    with progress_bar(console) as bar:
-        bar_id = bar.add_task(
-            "distill", total=len(problems), completed=len(problems) - len(todo), info=""
-        )
 
-        def info() -> str:
-            s = _stats(store, failed)
-            return f"accepted {s['accepted']}  rejected {s['rejected']}  failed {len(failed)}"
+    def info() -> str:
+        s = _stats(store, failed)
+        return f"accepted {s['accepted']}  rejected {s['rejected']}  failed {len(failed)}"
 
-        bar.update(bar_id, info=info())
+    def on_interrupt() -> None:  # every prompt with its done-marker is kept
+        console.print(f"[yellow]Interrupted: {len(store.done)} prompts done. Rerun to resume.")
+
+    with progress_bar(console) as bar, interruptible(on_interrupt):
+        done = len(problems) - len(todo)
+        bar_id = bar.add_task("distill", total=len(problems), completed=done, info=info())
         for start in range(0, len(todo), cfg.chunk):
             part = todo[start : start + cfg.chunk]
             # seeded per chunk start in the full list: a resumed chunk draws differently, which
@@ -185,26 +188,9 @@ def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None)
                     failed[p.id] = f"{res.error} (after {res.attempts} attempts)"
                     continue
                 kept, rejected = filter_samples(p, res.samples, filters)
-                rows = [
-                    {
-                        "prompt": r1_zero_prompt(p.question),
-                        "reasoning": reasoning,
-                        "answer": answer,
-                        "completion": completion,
-                        "teacher": teacher.name,
-                        "verified": True,
-                        "meta": {
-                            "prompt_id": p.id,
-                            "question": p.question,
-                            "task": p.task,
-                            "truncated": sum(s.finish == "length" for s in res.samples),
-                        },
-                    }
-                    for reasoning, answer, completion in kept
-                ]
                 store.write(
                     p.id,
-                    rows,
+                    [_trace_row(p, teacher.name, res.samples, k) for k in kept],
                     {"accepted": len(kept), "rejected": dict(rejected), "attempts": res.attempts},
                 )
             bar.update(bar_id, advance=len(part), info=info())
@@ -228,6 +214,25 @@ def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None)
     return stats
 
 
+def _trace_row(p: Problem, teacher: str, samples: list, kept: tuple[str, str, str]) -> dict:
+    """One kept trace as a row of a trace shard (what `aha sft` reads)."""
+    reasoning, answer, completion = kept
+    return {
+        "prompt": r1_zero_prompt(p.question),
+        "reasoning": reasoning,
+        "answer": answer,
+        "completion": completion,
+        "teacher": teacher,
+        "verified": True,
+        "meta": {
+            "prompt_id": p.id,
+            "question": p.question,
+            "task": p.task,
+            "truncated": sum(s.finish_reason == "length" for s in samples),
+        },
+    }
+
+
 def _stats(store: TraceStore, failed: dict[str, str]) -> dict[str, Any]:
     by: Counter = Counter()
     accepted = 0
@@ -248,8 +253,8 @@ def _stats(store: TraceStore, failed: dict[str, str]) -> dict[str, Any]:
 # --- the comparison --------------------------------------------------------------------------
 @dataclass
 class DistillConfig:
-    teacher: str = ""
-    """The teacher: a model directory trained by `aha zero` (its run's final/)."""
+    teacher: str = "runs/zero-countdown/final"
+    """The teacher: a model directory trained by `aha zero` (the default is the final/ of `aha zero --out runs/zero-countdown`)."""
     student_recipe: str = "recipes/pretrain-student.yaml"
     """`aha pretrain` recipe of the smaller student base model (built once, not timed)."""
     task: str = "countdown"
@@ -290,8 +295,6 @@ class DistillConfig:
     """torch CPU threads; 0 uses every core this process may run on."""
 
     def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ValueError("--teacher: give the `aha zero`-trained model directory")
         if not self.seed_list() or not self.lr_list():
             raise ValueError("seeds and rl_lrs need at least one value each")
         TASKS.get(self.task)
@@ -331,6 +334,11 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> dict[str, Any
     from ahamoment.stages.zero import ZeroConfig, zero
 
     console = console or Console()
+    if not (Path(cfg.teacher) / "config.json").exists():
+        raise FileNotFoundError(
+            f"--teacher {cfg.teacher}: no model there; train one with "
+            "`aha zero --out runs/zero-countdown`, or pass --teacher DIR"
+        )
     set_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)

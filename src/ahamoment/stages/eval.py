@@ -24,11 +24,8 @@ Test-time compute (``--budgets``, ``--min-think``): budget forcing as in s1 (Mue
 from __future__ import annotations
 
 import json
-import signal
-import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +35,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ahamoment import config as cfglib
+from ahamoment.base_models import ensure_base_model, reversed_digits
 from ahamoment.data import read_jsonl
-from ahamoment.evaluation import stop_ids
-from ahamoment.metrics import SampleSettings, length_stats, majority_vote, pass_at_k
-from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt, set_threads
+from ahamoment.evaluation import ProblemRunner, score_problem, summarize
+from ahamoment.metrics import SampleSettings
+from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.progress import progress_bar
-from ahamoment.rewards import format_reward, judge
-from ahamoment.rollout import (
-    ENGINES,
-    Completion,
-    Engine,
-    Request,
-    SamplingParams,
-    TextRequest,
-    ThinkingBudget,
-    make_engine,
-)
-from ahamoment.rollout.budget import THINK_END
+from ahamoment.rollout import ENGINES, Engine, ThinkingBudget, make_engine
+from ahamoment.runs import RunDir, interruptible
 from ahamoment.splits import HELDOUT_RESERVE, heldout
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import Problem
@@ -199,146 +187,7 @@ def load_problems(cfg: EvalConfig) -> tuple[list[Problem], str]:
     return problems, f"{Path(cfg.data).name} ({problems[0].task if problems else '-'})"
 
 
-def prompt_text(problem: Problem) -> str:
-    """The R1-Zero prompt of a problem (math problems get the math task's answer instruction)."""
-    question = problem.question
-    math_task = sys.modules.get("ahamoment.tasks.math")  # a math problem implies it is loaded
-    if math_task is not None and isinstance(get_task(problem.task), math_task.MathTask):
-        if math_task.MATH_PROMPT_SUFFIX not in question:
-            question = f"{question} {math_task.MATH_PROMPT_SUFFIX}"
-    return r1_zero_prompt(question)
-
-
-# --- sampling -------------------------------------------------------------------------------
-@dataclass
-class Sample:
-    text: str
-    length: int | None  # completion tokens; None when the server did not say
-    think: int | None  # tokens before </think> (all of them if it never closes); None: unknown
-    finish: str
-
-
-class Sampler:
-    """Prompts in, decoded samples out: token-id prompts for a local model (``tokenizer``
-    set), text prompts for an endpoint (``tokenizer`` None)."""
-
-    def __init__(self, engine: Engine, tokenizer: Any = None) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        if tokenizer is not None:
-            self.stop_ids, self.stop = stop_ids(tokenizer), ()
-            end = tokenizer.convert_tokens_to_ids(THINK_END)
-            self.end_id = end if isinstance(end, int) and end != tokenizer.unk_token_id else None
-        else:  # an endpoint: its own EOS ends a completion; </answer> by text
-            self.stop_ids, self.stop, self.end_id = (), ("</answer>",), None
-
-    def params(
-        self, temperature: float, top_p: float, max_new: int, budget: ThinkingBudget | None = None
-    ) -> SamplingParams:
-        return SamplingParams(temperature, top_p, 0, max_new, self.stop_ids, self.stop, budget)
-
-    def request(self, problem: Problem, params: SamplingParams, n: int) -> Request | TextRequest:
-        text = prompt_text(problem)
-        if self.tokenizer is None:
-            return TextRequest(text, params, n)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return Request(ids, params, n)
-
-    def read(self, c: Completion) -> Sample:
-        if c.text is not None:  # an endpoint: text, maybe per-token log-probs
-            n = len(c.logprobs) or None
-            return Sample(c.text, n, None, c.finish_reason)
-        body = [t for t in c.ids if t != self.tokenizer.eos_token_id]
-        text = self.tokenizer.decode(body, skip_special_tokens=False)
-        think = c.ids.index(self.end_id) if self.end_id in c.ids else len(c.ids)
-        return Sample(text, len(c.ids), think, c.finish_reason)
-
-    def run(
-        self, requests: list[Request | TextRequest], generator: torch.Generator
-    ) -> list[list[Sample]]:
-        return [[self.read(c) for c in cs] for cs in self.engine.generate(requests, generator)]
-
-
-# --- scoring --------------------------------------------------------------------------------
-def score_problem(
-    problem: Problem, samples: list[Sample], greedy: Sample | None = None
-) -> dict[str, Any]:
-    """One results.jsonl record: every sample judged, plus pass@1, pass@k and cons@k."""
-    task = get_task(problem.task)
-    answers: list[str | None] = []
-    correct, parsed = [], []
-    for s in samples:
-        ans, verdict = judge(problem, s.text)
-        answers.append(task.normalize(ans) if ans is not None else None)
-        correct.append(verdict.correct)
-        parsed.append(verdict.parsed)
-    k, c = len(samples), sum(correct)
-    rec: dict[str, Any] = {
-        "id": problem.id,
-        "task": problem.task,
-        "question": problem.question,
-        "gold": problem.answer,
-        "k": k,
-        "n_correct": c,
-        "pass1": c / k,
-        "passk": pass_at_k(k, c, k),
-        "cons": majority_vote(answers, correct),
-        "answers": answers,
-        "correct": correct,
-        "parsed": parsed,
-        "format": [format_reward(problem, s.text) == 1.0 for s in samples],
-        "lengths": [s.length for s in samples],
-        "think": [s.think for s in samples],
-        "finish": [s.finish for s in samples],
-        "samples": [s.text for s in samples],
-    }
-    if greedy is not None:
-        g_ans, g_verdict = judge(problem, greedy.text)
-        rec.update(
-            greedy=greedy.text,
-            greedy_answer=g_ans,
-            greedy_correct=g_verdict.correct,
-            greedy_length=greedy.length,
-        )
-    return rec
-
-
-def _mean(xs: list[Any]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """summary.json from the records of one run: pass@1, cons@k, pass@k and greedy accuracy
-    are means over problems, rates and lengths over samples. ``n`` counts problems; the
-    ``settings`` (``SampleSettings``) name the samples drawn per problem ``n`` too."""
-    flat = lambda key: [x for r in records for x in r[key]]  # noqa: E731
-    lengths = [x for x in flat("lengths") if x is not None]
-    greedy = [r["greedy_correct"] for r in records if "greedy_correct" in r]
-    return {
-        "pass1": _mean([r["pass1"] for r in records]),
-        "consk": _mean([float(r["cons"]) for r in records]),
-        "passk": _mean([r["passk"] for r in records]),
-        "greedy_acc": _mean([float(g) for g in greedy]) if greedy else None,
-        "parse_fail_rate": _mean([float(not p) for p in flat("parsed")]),
-        "format_rate": _mean([float(f) for f in flat("format")]),
-        "mean_len": length_stats(lengths)["mean"] if lengths else None,
-        "p90_len": length_stats(lengths)["p90"] if lengths else None,
-        "mean_think": _mean(flat("think")),
-        "truncated_rate": _mean([float(f == "length") for f in flat("finish")]),
-        "n": len(records),
-        "k": settings["k"],
-        "settings": settings,
-    }
-
-
 # --- run directory --------------------------------------------------------------------------
-def _resolve_out(cfg: EvalConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def _check_resumable(cfg: EvalConfig, out: Path) -> None:
     """Refuse to mix records made with other settings into one results.jsonl."""
     saved_path = out / "config.yaml"
@@ -368,7 +217,8 @@ def _read_results(path: Path) -> dict[tuple[int | None, str], dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill: that chunk is sampled again
-        done[(rec.get("budget"), rec["id"])] = rec
+        if "steps" in rec:  # older records lack fields the summary needs: sampled again
+            done[(rec.get("budget"), rec["id"])] = rec
     return done
 
 
@@ -380,8 +230,6 @@ def _chunk_generator(seed: int, start: int) -> torch.Generator:
 
 
 def _ensure_model(cfg: EvalConfig, console: Console) -> Path:
-    from ahamoment.stages.pretrain import ensure_base_model
-
     task = cfg.task if cfg.task and not cfg.data else DEFAULT_TASK
     return ensure_base_model(cfg.model, task, cfg.pretrain_recipe, cfg.threads, console)
 
@@ -407,24 +255,27 @@ def evaluate_model(cfg: EvalConfig, console: Console | None = None) -> dict[str,
     console = console or Console()
     set_threads(cfg.threads)
     t_start = time.time()
-    out = _resolve_out(cfg)
+    out = RunDir.resolve(cfg.out, "eval")
     problems, source = load_problems(cfg)
     if not problems:
         raise ValueError(f"no problems to evaluate in {source}")
-    _check_resumable(cfg, out)
+    _check_resumable(cfg, out.path)
 
+    reverse = False
     if cfg.base_url:
         engine, model_name = _endpoint(cfg)
-        sampler = Sampler(engine)
+        runner = ProblemRunner(engine)
     else:
         path = _ensure_model(cfg, console)
         tokenizer = load_tokenizer(path)
         engine = make_engine(cfg.engine, load_model(path), tokenizer)
-        sampler, model_name = Sampler(engine, tokenizer), str(path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfglib.save_yaml(cfg, out / "config.yaml")
-    results_path = out / "results.jsonl"
-    done = _read_results(results_path)
+        runner, model_name, reverse = (
+            ProblemRunner(engine, tokenizer),
+            str(path),
+            reversed_digits(path),
+        )
+    out.save_config(cfg)
+    done = _read_results(out / "results.jsonl")
 
     runs: list[int | None] = [None, *cfg.budget_list()]  # None: no maximum budget
     total = len(runs) * len(problems)
@@ -435,53 +286,47 @@ def evaluate_model(cfg: EvalConfig, console: Console | None = None) -> dict[str,
         + (f"  [yellow]resuming: {finished}/{total} done" if finished else "")
     )
 
-    def on_sigterm(signum, frame):  # `kill` behaves like Ctrl-C: finished chunks are kept
-        raise KeyboardInterrupt
+    def on_interrupt() -> None:  # finished chunks are in results.jsonl already
+        console.print(
+            f"[yellow]Interrupted: finished chunks are kept in {out}; run the same `aha eval` "
+            "again to resume."
+        )
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        with progress_bar(console) as bar, results_path.open("a") as results:
-            bar_id = bar.add_task("aha eval", total=total, completed=finished, info="")
-            for budget in runs:
-                forcing = None
-                if budget is not None or cfg.min_think:
-                    forcing = ThinkingBudget.from_tokenizer(
-                        sampler.tokenizer, budget, cfg.min_think, wait=cfg.wait_text
-                    )
-                max_new = cfg.max_tokens(budget)
-                sampled = sampler.params(cfg.temperature, cfg.top_p, max_new, forcing)
-                greedy = sampler.params(0.0, 1.0, max_new, forcing)
-                for start in range(0, len(problems), cfg.chunk):
-                    # 1. the chunk's problems not yet in results.jsonl
-                    todo = [
-                        p for p in problems[start : start + cfg.chunk] if (budget, p.id) not in done
-                    ]
-                    if not todo:
-                        continue
-                    # 2. k samples and one greedy decode per problem, in one batch
-                    requests = [sampler.request(p, sampled, cfg.k) for p in todo]
-                    if cfg.greedy:
-                        requests += [sampler.request(p, greedy, 1) for p in todo]
-                    got = sampler.run(requests, _chunk_generator(cfg.seed, start))
-                    # 3. judge, then append the chunk's records (flushed: Ctrl-C keeps them)
-                    lines = []
-                    for i, p in enumerate(todo):
-                        g = got[len(todo) + i][0] if cfg.greedy else None
-                        rec = {"budget": budget, "min_think": cfg.min_think}
-                        rec |= score_problem(p, got[i], g)
-                        done[(budget, p.id)] = rec
-                        lines.append(json.dumps(rec) + "\n")
-                    results.write("".join(lines))
-                    results.flush()
-                    run_recs = [done[(budget, q.id)] for q in problems if (budget, q.id) in done]
-                    bar.update(
-                        bar_id,
-                        advance=len(todo),
-                        info=f"{'budget ' + str(budget) if budget else 'plain'}  "
-                        f"pass@1 {_mean([r['pass1'] for r in run_recs]):.3f}",
-                    )
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
+    with progress_bar(console) as bar, interruptible(on_interrupt):
+        bar_id = bar.add_task("aha eval", total=total, completed=finished, info="")
+        for budget in runs:
+            forcing = None
+            if budget is not None or cfg.min_think:
+                forcing = ThinkingBudget.from_tokenizer(
+                    runner.tokenizer, budget, cfg.min_think, wait=cfg.wait_text
+                )
+            max_new = cfg.max_tokens(budget)
+            sampled = runner.params(cfg.temperature, cfg.top_p, max_new, forcing)
+            greedy = runner.params(0.0, 1.0, max_new, forcing)
+            for start in range(0, len(problems), cfg.chunk):
+                # 1. the chunk's problems not yet in results.jsonl
+                chunk = problems[start : start + cfg.chunk]
+                todo = [p for p in chunk if (budget, p.id) not in done]
+                if not todo:
+                    continue
+                # 2. k samples and one greedy decode per problem, in one batch
+                requests = [runner.request(p, sampled, cfg.k) for p in todo]
+                if cfg.greedy:
+                    requests += [runner.request(p, greedy, 1) for p in todo]
+                got = runner.run(requests, _chunk_generator(cfg.seed, start))
+                # 3. judge, then append the chunk's records in one flushed write
+                recs = []
+                for i, p in enumerate(todo):
+                    g = got[len(todo) + i][0] if cfg.greedy else None
+                    rec = {"budget": budget, "min_think": cfg.min_think}
+                    rec |= score_problem(p, got[i], g, reverse)
+                    done[(budget, p.id)] = rec
+                    recs.append(rec)
+                out.append("results.jsonl", *recs)
+                run_recs = [done[(budget, q.id)] for q in problems if (budget, q.id) in done]
+                pass1 = sum(r["pass1"] for r in run_recs) / len(run_recs)
+                label = f"budget {budget}" if budget else "plain"
+                bar.update(bar_id, advance=len(todo), info=f"{label}  pass@1 {pass1:.3f}")
 
     # 4. summaries: the plain run in summary.json, the budget curve in budgets.json
     def settings(budget: int | None) -> dict[str, Any]:
@@ -504,7 +349,7 @@ def evaluate_model(cfg: EvalConfig, console: Console | None = None) -> dict[str,
         curve = {"source": source, "model": model_name, "runs": list(by_run.values())}
         (out / "budgets.json").write_text(json.dumps(curve, indent=1))
         print_budgets(curve, console)
-    console.print(f"results: {results_path}   summary: {out / 'summary.json'}")
+    console.print(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.json'}")
     return summary
 
 
@@ -533,6 +378,10 @@ def print_summary(s: dict[str, Any], console: Console) -> None:
         ("answer parse-fail rate", s["parse_fail_rate"], sampled),
         ("format rate", s["format_rate"], sampled),
         ("truncated rate", s["truncated_rate"], sampled),
+        ("reflection rate", s["reflection_rate"], sampled),
+        ("self-correction rate", s["self_correction_rate"], sampled),
+        ("language-mixing rate", s["mixing_rate"], sampled),
+        ("correct arithmetic steps", s["step_accuracy"], sampled),
     ]
     for label, value, at in rows:
         table.add_row(label, _fmt(value), at)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
 from ahamoment.language import bilingual_tokens
 from ahamoment.models import (
@@ -32,17 +31,18 @@ from ahamoment.models import (
     load_tokenizer,
     n_params,
     new_model,
-    r1_zero_prompt,
     save_model,
     set_threads,
     tiny_llama_config,
 )
 from ahamoment.progress import progress_bar
+from ahamoment.prompts import r1_zero_prompt
 from ahamoment.rewards import judge
 from ahamoment.schedules import warmup_cosine
 from ahamoment.splits import excluded
 from ahamoment.tasks import get_task
 from ahamoment.tasks.base import TraceNoise
+from ahamoment.training import LM_BETAS
 
 CORPUS_VERSION = 4
 """Bump when the trace grammar or the corpus generator changes: it invalidates cached models."""
@@ -80,12 +80,11 @@ class PretrainConfig:
     p_check, computes it on a 'wait,check:' line; a rejected guess is followed by another."""
     check_by_difference: bool = True
     """Corpus (Countdown tries): a 'wait,check:' line subtracts the smaller of result and target
-    from the larger (16-15=1,no) instead of recomputing the last step and comparing (15|16,no).
-    Learning those subtractions sharpens the model's yes/no on near misses too: on correct
-    tries 1-2 off the target it says yes 29% of the time, against 70% without (README)."""
+    from the larger (16-15=1,no) instead of recomputing the last step and comparing (15|16,no),
+    so the verdict rests on a subtraction rather than on telling two near numbers apart."""
     reversed_digits: bool = False
     """Corpus: write the reasoning's numbers least-significant digit first (the answer stays
-    standard); small models then compute multi-digit steps far more reliably."""
+    standard): each digit then depends only on digits already written and the carry."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
     vocab_size: int = 512
@@ -231,7 +230,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     )
     model = new_model(model_cfg, cfg.seed)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=LM_BETAS
     )
     steps = cfg.steps()
 
@@ -321,19 +320,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def ensure_base_model(
-    model: str, task: str, recipe: str = "", threads: int = 0, console=None
-) -> Path:
-    """``model`` if given; else the embedded default for ``task``, built on first use.
-
-    Shared by every stage that takes ``--model`` (zero, eval, ...). ``recipe`` is an optional
-    `aha pretrain` YAML recipe for the default model.
-    """
-    if model:
-        return Path(model)
-    cfg = cfglib.build(PretrainConfig, recipe or None, task=task, threads=threads)
-    if not (cfg.output_dir() / "config.json").exists() and console is not None:
-        console.print(f"[bold]No embedded base model for {task!r} yet: building it (aha pretrain).")
-    return pretrain(cfg, console)

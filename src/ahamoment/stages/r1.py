@@ -35,7 +35,8 @@ from rich.table import Table
 from ahamoment import config as cfglib
 from ahamoment.data import sample_excluding
 from ahamoment.evaluation import heldout_figures
-from ahamoment.models import load_model, load_tokenizer, r1_zero_prompt, set_threads
+from ahamoment.models import load_model, load_tokenizer, set_threads
+from ahamoment.prompts import r1_zero_prompt
 from ahamoment.rewards import judge
 from ahamoment.splits import excluded
 from ahamoment.stages.pretrain import PretrainConfig, pretrain

@@ -41,6 +41,7 @@ import yaml
 from rich.console import Console
 
 from ahamoment.metrics import REFLECTION_WORDS, is_self_correction
+from ahamoment.runs import Run, load_run
 
 
 @dataclass
@@ -69,61 +70,6 @@ class ReportConfig:
             raise ValueError("smooth and window must be >= 1, baseline_steps >= 0")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-
-
-# --- reading a run -----------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a missing file is empty and a torn last line (a live run) skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-@dataclass
-class Run:
-    path: Path
-    label: str
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    samples: list[dict[str, Any]]
-    base_eval: dict[str, Any] | None
-    summary: dict[str, Any] | None
-
-
-def load_run(path: str | Path, label: str = "") -> Run:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"run directory not found: {p}")
-    if not (p / "metrics.jsonl").exists() and not (p / "summary.json").exists():
-        raise FileNotFoundError(f"{p} holds neither metrics.jsonl nor summary.json: not a run?")
-    try:
-        config = yaml.safe_load((p / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    return Run(
-        p,
-        label or p.name,
-        config if isinstance(config, dict) else {},
-        read_jsonl(p / "metrics.jsonl"),
-        read_jsonl(p / "samples.jsonl"),
-        _read_json(p / "base_eval.json"),
-        _read_json(p / "summary.json"),
-    )
 
 
 def run_labels(paths: list[Path]) -> list[str]:

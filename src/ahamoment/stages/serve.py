@@ -22,9 +22,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ahamoment.base_models import ensure_base_model
 from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.server import Service, make_app
-from ahamoment.stages.pretrain import ensure_base_model
 
 API_KEY_ENV = "AHA_API_KEY"
 DEFAULT_NAME = "ahamoment-default"

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,100 +33,49 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ahamoment import checkpoint, lora
-from ahamoment import config as cfglib
+from ahamoment import training
+from ahamoment.args import HeldoutArgs, LoraArgs, ModelArgs, TrainArgs, check_groups
+from ahamoment.base_models import reversed_digits
 from ahamoment.data import DataError, read_jsonl
-from ahamoment.distributed import Ranks, claim_run_dir, make_accelerator, share_threads
-from ahamoment.evaluation import heldout_figures
-from ahamoment.models import load_model, load_tokenizer, n_params
+from ahamoment.models import load_model, n_params
 from ahamoment.progress import progress_bar
+from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_cosine
-from ahamoment.stages.pretrain import ensure_base_model
-from ahamoment.tasks import TASKS
 
 IGNORE = -100
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
+    """Data and batching"""
+
     data: str = ""
     """JSONL files or trace directories, comma-separated (rows: prompt/completion, or messages)."""
-    model: str = ""
-    """Local HF causal-LM directory to fine-tune. Empty: the embedded default (built on first use)."""
-    pretrain_recipe: str = ""
-    """With no --model: YAML recipe of the embedded base model (e.g. a smaller student)."""
-    task: str = "countdown"
-    """Task whose held-out problems evaluate the result (and whose base model is the default)."""
     epochs: float = 3.0
     """Passes over the data (fractions allowed)."""
     batch_size: int = 32
     """Sequences per optimizer step."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate."""
-    warmup: int = 20
-    """Linear warm-up steps; then cosine decay to 10% of the peak."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
     max_len: int = 512
     """Longest sequence (prompt + completion) in tokens; longer ones are cut at the end."""
     pack: bool = True
     """Pack a step's sequences into rows of pack_len (block-diagonal attention) instead of padding."""
     pack_len: int = 256
-    """Row length when packing (a longer sequence gets a row of its own). Attention costs T² per
-    row, so rows a few sequences long beat long rows."""
+    """Row length when packing (a longer sequence gets a row of its own). Attention costs T² per row, so rows a few sequences long beat long rows."""
     share_prefix: bool = True
-    """Run the token prefix all of a step's sequences share (e.g. the R1-Zero template) once and
-    attend to its KV cache from every row: the same loss and gradients, less compute."""
+    """Run the token prefix all of a step's sequences share (e.g. the R1-Zero template) once and attend to its KV cache from every row: the same loss and gradients, less compute."""
+    # shared-group defaults that differ for this stage (docs in args.py); heldout_n 0: no
+    # evaluation at the end
+    warmup: int = 20
     save_every: int = 200
-    """Checkpoint every N steps (and on Ctrl-C)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk."""
-    heldout_n: int = 500
-    """Held-out problems evaluated at the end (0: no evaluation)."""
-    eval_k: int = 4
-    """Samples per held-out problem for pass@1 (mean over k)."""
-    eval_temperature: float = 1.0
-    """Held-out sampling temperature."""
-    max_new_tokens: int = 128
-    """Longest completion in the evaluation."""
-    real_eval: bool = True
-    """Also evaluate on the packaged real Countdown sample (Countdown tasks only)."""
-    out: str = ""
-    """Run directory; empty means runs/sft-<timestamp>."""
-    resume: bool = False
-    """Continue the run in --out from its last checkpoint."""
-    seed: int = 0
-    """Seed for the data order and the evaluation draws."""
-    threads: int = 0
-    """torch CPU threads; 0 shares the cores this process may run on among the processes of this machine."""
-    device: str = "cpu"
-    """Where to train: cpu, or auto (what accelerate picks: the process's GPU when there is one)."""
-    bf16: bool = False
-    """bf16 mixed precision through accelerate (autocast; weights and optimizer state stay fp32). For GPUs: 2.4x slower on CPU at the embedded size."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, more compute)."""
-    lora_rank: int = 0
-    """LoRA rank r through peft; 0: full fine-tuning."""
-    lora_alpha: float = 32.0
-    """LoRA scaling alpha (the update is B·A·alpha/r)."""
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    """Comma-separated module names that get LoRA adapters."""
 
     def __post_init__(self) -> None:
+        check_groups(self)
         if not self.data:
             raise ValueError("--data: give a JSONL file or a trace directory")
         if self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("batch_size and epochs must be positive")
         if self.max_len < 2 or self.pack_len < 2:
             raise ValueError("max_len and pack_len must be at least 2 tokens")
-        if self.heldout_n < 0 or self.eval_k < 1:
-            raise ValueError("heldout_n must be >= 0 and eval_k >= 1")
-        if self.device not in ("cpu", "auto"):
-            raise ValueError(f"device must be cpu or auto, got {self.device!r}")
-        lora.check(self.lora_rank, self.lora_alpha, self.lora_targets)
-        TASKS.get(self.task)
 
     def paths(self) -> list[Path]:
         out: list[Path] = []
@@ -353,168 +300,101 @@ def total_steps(n: int, cfg: SFTConfig) -> int:
     return max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
 
 
-def _resolve_run_dir(cfg: SFTConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / f"sft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 # --- the stage -------------------------------------------------------------------------------
 def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.device, cfg.bf16)
-    ranks = Ranks.current()
-    console = (console or Console()) if ranks.main else Console(quiet=True)
-    share_threads(cfg.threads)
     t_start = time.time()
-    run = Path(ranks.broadcast(str(_resolve_run_dir(cfg))))  # rank 0's timestamp everywhere
-    ckpt_root = run / "checkpoints"
-    resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
-    claim_run_dir(run, cfg.resume, resume_from, ranks)
-    if ranks.main:
-        cfglib.save_yaml(cfg, run / "config.yaml")
-
-    with ranks.main_first():  # rank 0 builds the embedded model on first use, the rest reuse it
-        base_path = ensure_base_model(
-            cfg.model, cfg.task, cfg.pretrain_recipe, cfg.threads, console
-        )
-    tokenizer = load_tokenizer(base_path)
+    tr = training.start(cfg, "sft", console)
+    run, ranks, console, tokenizer = tr.run, tr.ranks, tr.console, tr.tokenizer
+    accelerator, model = tr.accelerator, tr.model
     examples = [
         encode_pair(tokenizer, p, c, cfg.max_len) for p, c in load_pairs(cfg.paths(), tokenizer)
     ]
-    model = lora.load_policy(
-        base_path, resume_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
-    ).to(accelerator.device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(len(examples), cfg)
     console.print(
-        f"[bold]Run:[/] {run}   model {base_path} ({n_params(model):,} parameters)   "
+        f"[bold]Run:[/] {run}   model {tr.base_path} ({n_params(model):,} parameters)   "
         f"{len(examples):,} examples, {steps} steps"
         + (f", {ranks.world} processes" if ranks.world > 1 else "")
     )
-
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],  # LoRA: the adapters only
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        betas=(0.9, 0.95),
-    )
-
+    optimizer = training.adamw(model, cfg, betas=training.LM_BETAS)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup_steps=cfg.warmup, total=steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    step, train_s, tokens = 0, 0.0, 0
-    if resume_from is not None:
-        state = checkpoint.load_trainer_state(resume_from, optimizer, scheduler)
-        step, train_s, tokens = state["step"], state.get("train_s", 0.0), state.get("tokens", 0)
-        console.print(f"[bold]Resuming[/] {run} from step {step}")
-    metrics_path = run / "metrics.jsonl"
-    if ranks.main and metrics_path.exists():  # rows after the checkpoint will be logged again
-        keep = [
-            ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step
-        ]
-        metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    state = tr.restore(optimizer, scheduler)
+    step, train_s, tokens = state["step"], state.get("train_s", 0.0), state.get("tokens", 0)
+    if ranks.main:
+        run.cut_after("metrics.jsonl", step)
 
-    def save(at: int) -> None:
-        if not ranks.main:  # one copy: weights and optimizer state are the same on every rank
-            return
-        checkpoint.save(
-            ckpt_root,
-            at,
-            accelerator.unwrap_model(model),
-            tokenizer,
-            optimizer,
-            scheduler,
-            {"run": str(run), "train_s": train_s, "tokens": tokens},
-            cfg.keep_checkpoints,
-        )
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    model.train()
-    try:
-        with progress_bar(console) as bar:
-            bar_id = bar.add_task("aha sft", total=steps, completed=step, info="")
-            while step < steps:
-                t0 = time.time()
-                # 1. layout: padded or packed rows of this rank's share of the step's sequences
-                seqs = [
-                    examples[i] for i in step_indices(len(examples), cfg.batch_size, cfg.seed, step)
-                ]
-                mine = [seqs[i] for i in ranks.piece(len(seqs))]
-                # a rank without sequences runs one with weight 0: every rank syncs gradients
-                weight = float(ranks.world) if mine else 0.0
-                batch = collate(
-                    mine or seqs[:1],
-                    tokenizer.pad_token_id,
-                    cfg.pack,
-                    cfg.pack_len,
-                    # checkpointed layers run without a KV cache: nothing to share then
-                    cfg.share_prefix and not cfg.gradient_checkpointing,
-                )
-                # 2. loss on completion tokens only, over the whole step's token count
-                loss = sft_loss(model, batch, denominator=max(1, n_targets(seqs)))
-                # 3. optimizer step
-                accelerator.backward(loss * weight)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                n_tok = sum(len(s[0]) for s in seqs)
-                loss_sum, cells = ranks.sum(
-                    [loss.item() if mine else 0.0, batch.input_ids.numel() if mine else 0]
-                )
-                dt = time.time() - t0
-                train_s += dt
-                tokens += n_tok
-                # 4. log
-                row = {
-                    "step": step,
-                    "loss": loss_sum,
-                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tok_s": n_tok / max(dt, 1e-9),
-                    "pad_share": 1 - n_tok / max(cells, 1.0),
-                }
-                if ranks.main:
-                    _append(metrics_path, row)
-                bar.update(bar_id, advance=1, info=f"loss {row['loss']:.3f}")
-                # 5. checkpoint
-                if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                    save(step)
-    except KeyboardInterrupt:
-        save(step)
+    def on_interrupt() -> None:
+        tr.save(step, model, optimizer, scheduler, train_s=train_s, tokens=tokens)
         console.print(
-            f"[yellow]Interrupted: saved step {step}. Resume with: aha sft --out {run} --resume"
+            f"[yellow]Interrupted: saved step {step}. Resume: aha sft --out {run} --resume"
         )
-        raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
 
-    # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict
-    policy = accelerator.unwrap_model(model).eval()
-    full_state = None if lora.is_lora(policy) else accelerator.get_state_dict(model)
+    model.train()
+    with progress_bar(console) as bar, interruptible(on_interrupt):
+        bar_id = bar.add_task("aha sft", total=steps, completed=step, info="")
+        while step < steps:
+            t0 = time.time()
+            # 1. layout: padded or packed rows of this rank's share of the step's sequences
+            seqs = [
+                examples[i] for i in step_indices(len(examples), cfg.batch_size, cfg.seed, step)
+            ]
+            mine = [seqs[i] for i in ranks.piece(len(seqs))]
+            # a rank without sequences runs one with weight 0: every rank syncs gradients
+            weight = float(ranks.world) if mine else 0.0
+            batch = collate(
+                mine or seqs[:1],
+                tokenizer.pad_token_id,
+                cfg.pack,
+                cfg.pack_len,
+                # checkpointed layers run without a KV cache: nothing to share then
+                cfg.share_prefix and not cfg.gradient_checkpointing,
+            )
+            # 2. loss on completion tokens only, over the whole step's token count
+            loss = sft_loss(model, batch, denominator=max(1, n_targets(seqs)))
+            # 3. optimizer step
+            accelerator.backward(loss * weight)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_tok = sum(len(s[0]) for s in seqs)
+            loss_sum, cells = ranks.sum(
+                [loss.item() if mine else 0.0, batch.input_ids.numel() if mine else 0]
+            )
+            dt = time.time() - t0
+            train_s += dt
+            tokens += n_tok
+            # 4. log
+            row = {
+                "step": step,
+                "loss": loss_sum,
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "tok_s": n_tok / max(dt, 1e-9),
+                "pad_share": 1 - n_tok / max(cells, 1.0),
+            }
+            if ranks.main:
+                run.append("metrics.jsonl", row)
+            bar.update(bar_id, advance=1, info=f"loss {row['loss']:.3f}")
+            # 5. checkpoint
+            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                tr.save(step, model, optimizer, scheduler, train_s=train_s, tokens=tokens)
+
+    final_dir = tr.save_final(model)
     summary: dict[str, Any] = {}
     if ranks.main:  # the other ranks wait for the summary at the broadcast below
-        lora.save_merged(policy, tokenizer, run / "final", full_state)
-        final = load_model(run / "final").to(accelerator.device)  # evaluate what was saved
+        final = load_model(final_dir).to(accelerator.device)  # evaluate what was saved
         summary = {
             "steps": steps,
             "examples": len(examples),
             "train_s": round(train_s, 2),
             "train_tok_s": tokens / max(train_s, 1e-9),
-            "model": str(base_path),
+            "model": str(tr.base_path),
         }
-        summary.update(evaluate_final(final, tokenizer, cfg))
+        summary.update(evaluate_final(final, tokenizer, cfg, reversed_digits(tr.base_path)))
         summary["wall_s"] = round(time.time() - t_start, 1)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
         h = summary.get("heldout")
@@ -526,21 +406,17 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     return ranks.broadcast(summary)
 
 
-def evaluate_final(model: Any, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
+def evaluate_final(
+    model: Any, tokenizer: Any, cfg: SFTConfig, reversed_digits: bool = False
+) -> dict[str, Any]:
     """Held-out (and real Countdown) figures of ``model`` with the config's eval settings."""
     if not cfg.heldout_n:
         return {}
-    return heldout_figures(
-        model,
-        tokenizer,
-        cfg.task,
-        cfg.heldout_n,
-        k=cfg.eval_k,
-        temperature=cfg.eval_temperature,
-        max_new_tokens=cfg.max_new_tokens,
-        seed=cfg.seed,
-        real=cfg.real_eval,
-    )
+    held = cfg.heldout_set(model, tokenizer, cfg.task, reversed_digits=reversed_digits)
+    out: dict[str, Any] = {"heldout": held.run(held.problems, 0)}
+    if cfg.real_eval and cfg.task.startswith("countdown"):
+        out["real"] = held.real()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

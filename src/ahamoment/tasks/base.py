@@ -37,7 +37,7 @@ class Verdict:
 
 @dataclass
 class TraceNoise:
-    """How the synthetic pretraining traces go wrong (see FINDINGS.md for the measured effect)."""
+    """How the synthetic pretraining traces go wrong."""
 
     p_give_up: float = 0.6
     """After each miss, stop searching and guess a random candidate with this probability."""
@@ -71,7 +71,7 @@ class TraceNoise:
     """A 'wait,check:' line subtracts the smaller of result and target from the larger
     (``wait,check:16-15=1,no``; a hit gives ``16-16=0,yes``) instead of recomputing the last
     step: the verdict then rests on the model's subtraction, not on telling two near numbers
-    apart, which a 0.9M model does poorly (15|16 reads as a hit; see failure_modes.py)."""
+    apart."""
 
 
 # A constant template: a name plus a function from a problem to an answer string.
@@ -82,6 +82,8 @@ class Task:
     """Base class: subclasses implement the methods below and register an instance."""
 
     name: str = ""
+    prompt_suffix: str = ""
+    """An instruction appended to every question in the prompt (``prompts.prompt_text``)."""
 
     def sample(self, rng: random.Random) -> Problem:
         raise NotImplementedError

@@ -9,11 +9,11 @@ Two instances are registered:
   (the aha-moment recipe trains on it).
 
 Targets are drawn uniformly over the *distinct* reachable values, not over expressions: with
-duplicates, a+b+c dominated and a constant template looked like learning (FINDINGS.md).
+duplicates, a+b+c dominates and a constant template looks like learning.
 
 The pretraining traces search left-to-right chains such as ``7-5=2,2+13=15|15,yes``: each try
 ends with ``|target`` and the verdict, so the model compares two adjacent numbers instead of
-looking back to the prompt (without it, a 0.9M model's yes/no was close to chance: measured).
+looking back to the prompt, which a model of under a million parameters does poorly.
 A claimed hit may be followed by a check line, ``wait,check:16-15=1,no`` (check_by_difference:
 subtract the smaller of result and target from the larger) or ``wait,check:2+13=15|16,no``
 (repeat the last step and the comparison); its verdict is always right. Chains keep
@@ -340,7 +340,8 @@ def _reachable(nums: tuple[int, ...], ops: str, max_target: int | None) -> tuple
 
 
 Rational = tuple[int, int]
-"""(numerator, denominator) in lowest terms, denominator > 0: ~8x faster here than Fraction."""
+"""(numerator, denominator) in lowest terms, denominator > 0: integer pairs, cheaper than
+``fractions.Fraction``."""
 
 
 def _tree_values(nums: tuple[int, ...], ops: str) -> set[Rational]:

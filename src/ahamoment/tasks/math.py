@@ -80,6 +80,8 @@ def load_problem_jsonl(path: str, task: str = "math") -> list[Problem]:
 class MathTask(Task):
     """Problems from a JSONL file (``path``, else ``$AHAMOMENT_MATH_DATA``), read on first use."""
 
+    prompt_suffix = MATH_PROMPT_SUFFIX
+
     def __init__(
         self, name: str = "math", path: str | None = None, grader: grading.Grader | None = None
     ) -> None:

@@ -1,0 +1,160 @@
+"""Run directories: where a stage writes its config, its JSONL logs and its checkpoints.
+
+Every stage that writes a run (`aha zero`, `aha sft`, `aha eval`, `aha distill generate`)
+goes through :class:`RunDir`: it resolves ``--out`` (default ``runs/<stage>-<timestamp>``;
+with ``--resume`` and no ``--out``, the newest such run), refuses to write into a run that
+is not its own unless resuming, saves the config, appends JSONL rows (flushed, so a kill
+loses at most the row being written) and, on resume, cuts the rows logged after the
+checkpoint resumed from (they are logged again). :func:`interruptible` turns SIGTERM into
+Ctrl-C, saves, and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ahamoment import config as cfglib
+from ahamoment.data import read_jsonl
+from ahamoment.distributed import Ranks
+
+
+class RunDir:
+    """One run's directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @staticmethod
+    def resolve(out: str, stage: str, resume: bool = False, ranks: Ranks | None = None) -> RunDir:
+        """``out``; else with ``resume`` the newest ``runs/<stage>-*``; else a new
+        ``runs/<stage>-<timestamp>`` (rank 0's name on every rank)."""
+        if out:
+            path = Path(out)
+        elif resume:
+            runs = sorted(Path("runs").glob(f"{stage}-*"), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise FileNotFoundError(f"--resume: no runs/{stage}-* directory found; pass --out")
+            path = runs[-1]
+        else:
+            path = Path("runs") / f"{stage}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        return RunDir((ranks or Ranks()).broadcast(str(path)))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def claim(self, resume: bool, resume_from: Path | None, ranks: Ranks | None = None) -> None:
+        """Refuse a directory that holds more than a config unless resuming (every rank checks
+        before anything is written), then create it on rank 0."""
+        ranks = ranks or Ranks()
+        p = self.path
+        if resume_from is None and p.exists() and any(x.name != "config.yaml" for x in p.iterdir()):
+            if not resume:
+                raise FileExistsError(
+                    f"{p} is not empty; pass --resume to continue it, or another --out"
+                )
+        ranks.barrier()
+        if ranks.main:
+            p.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, cfg: Any) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfglib.save_yaml(cfg, self.path / "config.yaml")
+
+    def append(self, name: str, *rows: dict[str, Any]) -> None:
+        """Append JSON rows to ``name`` in one flushed write."""
+        with (self.path / name).open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        """The rows of ``name``; a torn last line (a kill mid-write) is skipped."""
+        return [row for _, row in read_jsonl(self.path / name, tolerant=True)]
+
+    def cut_after(self, name: str, step: int) -> None:
+        """Drop the rows of ``name`` logged after ``step`` (and a torn last line)."""
+        path = self.path / name
+        if path.exists():
+            keep = [r for r in self.rows(name) if r.get("step", 0) <= step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+# --- reading a run ----------------------------------------------------------------------
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a run's JSONL file; a live run's torn last line is skipped."""
+    return [row for _, row in read_jsonl(path, tolerant=True)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Run:
+    """What a finished or live run directory holds (``aha report`` reads these)."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    base_eval: dict[str, Any] | None
+    summary: dict[str, Any] | None
+
+
+def load_run(path: str | Path, label: str = "") -> Run:
+    """Read a run directory; a live run's torn last line is skipped, a missing file is empty."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"run directory not found: {p}")
+    if not (p / "metrics.jsonl").exists() and not (p / "summary.json").exists():
+        raise FileNotFoundError(f"{p} holds neither metrics.jsonl nor summary.json: not a run?")
+    try:
+        config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    return Run(
+        path=p,
+        label=label or p.name,
+        config=config if isinstance(config, dict) else {},
+        metrics=_rows(p / "metrics.jsonl"),
+        samples=_rows(p / "samples.jsonl"),
+        base_eval=_read_json(p / "base_eval.json"),
+        summary=_read_json(p / "summary.json"),
+    )
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interruptible(on_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (``kill``) inside the block: run ``on_interrupt`` (save, say how to
+    resume), then exit with status 130."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt()
+        raise SystemExit(130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
