@@ -1,0 +1,4 @@
+# Attack: hang inside the call under test.
+def add(a, b):
+    while True:
+        pass
