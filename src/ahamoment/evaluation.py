@@ -41,11 +41,11 @@ from ahamoment.rewards import format_reward, judge
 from ahamoment.rollout import (
     Completion,
     Engine,
+    FusedTorchEngine,
     Request,
     SamplingParams,
     TextRequest,
     ThinkingBudget,
-    TorchEngine,
 )
 from ahamoment.splits import heldout, real_countdown
 from ahamoment.tasks import get_task
@@ -228,37 +228,32 @@ def evaluate(
     greedy: bool = True,
     engine: Engine | None = None,
     reversed_digits: bool = False,
+    chunk: int = 128,
 ) -> EvalResult:
-    """k samples of every problem in one batch drawn from ``seed``, plus one greedy decode
-    each, scored and summarised. ``engine``: any rollout engine; without one, our torch
-    sampler on ``model`` in chunks of 256 rows."""
-    engine = engine or TorchEngine(model, tokenizer, max_batch_rows=256)
-    prompts = encode_prompts(tokenizer, problems)
+    """k samples of every problem plus one greedy decode each, scored and summarised.
+
+    Problems go ``chunk`` at a time (k + 1 rows each), so memory stays bounded; the samples
+    are drawn from one generator seeded with ``seed``, chunk after chunk. ``engine``: any
+    rollout engine; without one, our sampler (fused decoding step) on ``model``."""
+    engine = engine or FusedTorchEngine(model, tokenizer)
     stops = stop_ids(tokenizer)
-    sampled = generate(
-        engine,
-        tokenizer,
-        [p for p in prompts for _ in range(k)],
-        SamplingParams(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stops
-        ),
-        torch.Generator().manual_seed(seed),
+    sampling = SamplingParams(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stops
     )
-    greedy_out: list[Completion | None] = [None] * len(problems)
-    if greedy:
-        greedy_out = list(
-            generate(
-                engine,
-                tokenizer,
-                prompts,
-                SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stops),
-                None,
-            )
-        )
-    records = [
-        score_problem(p, sampled[i * k : (i + 1) * k], greedy_out[i], reversed_digits)
-        for i, p in enumerate(problems)
-    ]
+    argmax = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stops)
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    for start in range(0, len(problems), chunk):
+        part = problems[start : start + chunk]
+        prompts = encode_prompts(tokenizer, part)
+        sampled = generate(engine, tokenizer, [p for p in prompts for _ in range(k)], sampling, gen)
+        best: list[Completion | None] = [None] * len(part)
+        if greedy:
+            best = list(generate(engine, tokenizer, prompts, argmax, None))
+        records += [
+            score_problem(p, sampled[i * k : (i + 1) * k], best[i], reversed_digits)
+            for i, p in enumerate(part)
+        ]
     settings = SampleSettings(temperature, top_p, k, k).as_dict()
     settings["max_new_tokens"] = max_new_tokens
     return EvalResult(summarize(records, settings), records)

@@ -34,7 +34,7 @@ from ahamoment.evaluation import generate
 from ahamoment.models import load_model, load_tokenizer
 from ahamoment.prompts import r1_zero_prompt, stop_ids
 from ahamoment.rewards import extract_answer
-from ahamoment.rollout import Completion, SamplingParams, TorchEngine
+from ahamoment.rollout import Completion, FusedTorchEngine, SamplingParams
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
@@ -80,7 +80,7 @@ def final_answer(content: str) -> str:
 
 
 class LocalTeacher:
-    """A local model directory, sampled with the torch engine on the R1-Zero prompt."""
+    """A local model directory, sampled with our engine on the R1-Zero prompt."""
 
     def __init__(
         self, path: str, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128
@@ -88,7 +88,7 @@ class LocalTeacher:
         self.name = f"local:{path}"
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path).eval()
-        self.engine = TorchEngine(self.model, self.tokenizer, max_batch_rows=512)
+        self.engine = FusedTorchEngine(self.model, self.tokenizer, max_batch_rows=512)
         self.params = SamplingParams(
             temperature=temperature,
             top_p=top_p,

@@ -1,4 +1,5 @@
-"""Generation engines behind one interface (see ``base``): "torch" (ours, default), "hf"
+"""Generation engines behind one interface (see ``base``): "torch" (ours, default, with the
+fused decoding step of ``compiled``), "torch-eager" (ours, plain torch ops), "hf"
 (transformers ``generate``, the reference), "vllm" (GPU, optional extra) and "openai" (any
 OpenAI-compatible endpoint). Budget forcing (s1) lives in ``budget``, torch engine only."""
 
@@ -14,12 +15,13 @@ from ahamoment.rollout.base import (
 from ahamoment.rollout.budget import ThinkingBudget
 from ahamoment.rollout.hf_engine import HFEngine
 from ahamoment.rollout.openai_engine import OpenAIEngine, TextRequest
-from ahamoment.rollout.sampler import TorchEngine, sample, sample_stream
+from ahamoment.rollout.sampler import FusedTorchEngine, TorchEngine, sample, sample_stream
 from ahamoment.rollout.vllm_engine import VLLMEngine, vllm_sampling_kwargs
 
 __all__ = [
     "ENGINES",
     "Completion",
+    "FusedTorchEngine",
     "Engine",
     "HFEngine",
     "OpenAIEngine",

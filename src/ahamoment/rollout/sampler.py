@@ -11,6 +11,9 @@ A row with a thinking budget (``SamplingParams.budget``, ``budget.py``) carries 
 machine that may replace the drawn token by a forced one (``</think>`` at the maximum, "Wait"
 before the minimum); the forced token's log-prob is the model's, like any other.
 ``sample_stream`` yields each step's tokens as they are drawn; ``sample`` collects them.
+``compile=True`` (opt-in, on ``sample``, ``sample_stream`` and ``TorchEngine``) runs each step
+through the fused C kernels of ``compiled.py`` instead: the same tokens from the same uniforms,
+log-probs equal to float rounding; eager after one warning line where they cannot run.
 
 Per-token log-probs are those of ``log_softmax(logits / temperature)`` (before top-p/top-k
 truncation; raw logits for greedy rows). They serve as a sampler/trainer mismatch
@@ -31,6 +34,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ahamoment import decoder, lora
+from ahamoment.rollout import compiled
 from ahamoment.rollout.base import (
     ENGINES,
     Completion,
@@ -111,9 +115,8 @@ class _LlamaLike:
     BLOCK = 32
     """Completion-cache columns per block. Each block (U, Hkv, G, BLOCK, D) is contiguous, so a
     decoding step streams through the cache block by block. Slicing the first t columns of one
-    (.., T, D) cache per row instead leaves a gap after every row; once the cache outgrows the
-    CPU caches that is slower: 128 rows x 128 tokens on the embedded model took 1.34 s against
-    1.05 s in blocks of 32 (16: 1.10 s, 64: 1.05 s)."""
+    (.., T, D) cache per row instead leaves a gap after every row, which is slower once the
+    cache outgrows the CPU caches (docs/results/performance.md)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         """The prompt cache comes from ``prefill``, the completion cache from ``start``."""
@@ -310,12 +313,14 @@ def sample_stream(
     generator: torch.Generator | None = None,
     pad_id: int = 0,
     tokenizer: Any = None,
+    compile: bool = False,
 ) -> Iterator[list[StepToken]]:
     """Decode all prompts together, yielding each step's tokens (one list per step).
 
     ``params`` is one ``SamplingParams`` for every row or one per prompt. Rows are prompt
     indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
-    for stop strings.
+    for stop strings. ``compile``: decode with the fused step (``compiled.py``; eager after
+    one warning where it cannot run); the same tokens up to float rounding.
     """
     row_params = _per_row(params, len(prompts))
     stops = [StopStrings(tokenizer, p.stop) for p in row_params]
@@ -325,7 +330,7 @@ def sample_stream(
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, prompts, row_params, stops, rows, generator, pad_id)
+        yield from _decode(model, prompts, row_params, stops, rows, generator, pad_id, compile)
     finally:
         model.train(was_training)
 
@@ -338,6 +343,7 @@ def _decode(
     rows: list[int],
     generator: torch.Generator | None,
     pad_id: int,
+    compile: bool = False,
 ) -> Iterator[list[StepToken]]:
     device = next(model.parameters()).device
     B = len(rows)
@@ -371,13 +377,21 @@ def _decode(
         valid[i, max_prompt - len(p) :] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = max_prompt + int(max_new.max())
-    if _LlamaLike.supports(model) and decoder.fits_window(model, max_len):
-        runner: _LlamaLike | _HFCache = _LlamaLike(model)
+    fused = compiled.fused_runner(model, max_len) if compile else None
+    if fused is not None:
+        runner: _LlamaLike | _HFCache | compiled.FusedLlama = fused
+    elif _LlamaLike.supports(model) and decoder.fits_window(model, max_len):
+        runner = _LlamaLike(model)
     else:
         runner = _HFCache(model)
+    # The fused step also chooses the tokens, from uniforms drawn here exactly as ``_draw``
+    # draws them, unless a row needs top-p/top-k or budget forcing (then: eager, on its logits).
+    V = model.config.vocab_size
+    fused_pick = fused is not None and not any_budget
+    fused_pick = fused_pick and all(p.top_p >= 1.0 and not 0 < p.top_k < V for p in ps)
     logits = runner.forward(input_ids, positions, valid)[row_prompt]  # (B, V)
     live = torch.arange(B, device=device)  # batch index of each live row
-    if isinstance(runner, _LlamaLike):  # a (prompt, row-in-group) grid of cache slots
+    if isinstance(runner, (_LlamaLike, compiled.FusedLlama)):  # cache slots
         slot = runner.start(row_prompt, int(max_new.max()))  # cache slot of each live row
         n_cache = runner.size
     else:
@@ -386,26 +400,30 @@ def _decode(
     next_pos = positions[row_prompt, -1] + 1  # (B,)
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
     emitted: list[list[int]] = [[] for _ in range(B)]  # kept only for stop strings
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None  # (tok, tok_lp) of a fused step
     while True:
-        g = greedy[live]
-        scaled = logits.float() / scale[live, None]
-        logp = torch.log_softmax(scaled, dim=-1)
-        if bool(g.all()):
-            tok = logp.argmax(-1)
+        if picked is not None:
+            tok, tok_lp = picked
         else:
-            tok = _draw(_filter_logits(scaled, top_p[live], top_k[live]), generator)
-            if bool(g.any()):
-                tok = torch.where(g, logp.argmax(-1), tok)
-        if any_budget:  # budget forcing may replace the drawn token
-            tok = torch.tensor(
-                [
-                    t if budgets[b] is None else budgets[b].next(t)
-                    for b, t in zip(live.tolist(), tok.tolist())
-                ],
-                dtype=tok.dtype,
-                device=tok.device,
-            )
-        tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+            g = greedy[live]
+            scaled = logits.float() / scale[live, None]
+            logp = torch.log_softmax(scaled, dim=-1)
+            if bool(g.all()):
+                tok = logp.argmax(-1)
+            else:
+                tok = _draw(_filter_logits(scaled, top_p[live], top_k[live]), generator)
+                if bool(g.any()):
+                    tok = torch.where(g, logp.argmax(-1), tok)
+            if any_budget:  # budget forcing may replace the drawn token
+                tok = torch.tensor(
+                    [
+                        t if budgets[b] is None else budgets[b].next(t)
+                        for b, t in zip(live.tolist(), tok.tolist())
+                    ],
+                    dtype=tok.dtype,
+                    device=tok.device,
+                )
+            tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)
         count[live] += 1
         hit_stop = (tok[:, None] == stop_mat[live]).any(-1)
         if any_stop_str:
@@ -428,7 +446,7 @@ def _decode(
         live, tok, next_pos, slot = live[keep], tok[keep], next_pos[keep], slot[keep]
         # Compact the cache once a quarter of its rows are finished, so copies stay O(cache);
         # until then finished rows ride along as padding and their outputs are dropped.
-        if isinstance(runner, _LlamaLike):
+        if isinstance(runner, (_LlamaLike, compiled.FusedLlama)):
             if len(live) <= 0.75 * n_cache:
                 new_slot = runner.retire(slot)
                 if new_slot is not None:
@@ -437,7 +455,12 @@ def _decode(
             ids = torch.full((n_cache,), pad_id, dtype=torch.long, device=device)
             pos = torch.zeros((n_cache,), dtype=torch.long, device=device)
             ids[slot], pos[slot] = tok, next_pos
-            logits = runner.step(ids, pos)[slot]
+            if isinstance(runner, _LlamaLike):
+                logits = runner.step(ids, pos)[slot]
+            else:
+                picked, logits = _fused_step(
+                    runner, ids, pos, slot, live, greedy, scale, fused_pick, generator
+                )
         else:
             if len(live) < n_cache:
                 runner.select(slot)
@@ -450,6 +473,36 @@ def _decode(
         next_pos = next_pos + 1
 
 
+def _fused_step(
+    runner: compiled.FusedLlama,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    slot: torch.Tensor,
+    live: torch.Tensor,
+    greedy: torch.Tensor,
+    scale: torch.Tensor,
+    pick: bool,
+    generator: torch.Generator | None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+    """One fused step over the cache slots. With ``pick``, it also chooses the live rows'
+    tokens from the uniforms ``_draw`` would draw, one per live row in order: returns
+    ((tok, tok_lp), logits) for the live rows; otherwise (None, logits)."""
+    S, device = len(ids), ids.device
+    # finished rows and gaps decode greedily; their outputs are dropped
+    row_scale = torch.ones(S, dtype=torch.float32, device=device)
+    row_greedy = torch.ones(S, dtype=torch.uint8, device=device)
+    uniform = torch.zeros(S, dtype=torch.float32, device=device)
+    if pick:
+        g = greedy[live]
+        row_scale[slot] = scale[live].float()
+        row_greedy[slot] = g.to(torch.uint8)
+        if not bool(g.all()):  # (n_live, 1), as ``_draw`` draws them
+            u = torch.rand((len(live), 1), generator=generator, device=device)
+            uniform[slot] = u[:, 0]
+    logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
+    return ((tok[slot], tok_lp[slot]) if pick else None), logits[slot]
+
+
 def sample(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -458,15 +511,17 @@ def sample(
     pad_id: int = 0,
     *,
     tokenizer: Any = None,
+    compile: bool = False,
 ) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
 
-    ``params``: one ``SamplingParams`` for all prompts, or one per prompt.
+    ``params``: one ``SamplingParams`` for all prompts, or one per prompt. ``compile``: the
+    fused decoding step (``sample_stream``).
     """
     ids: list[list[int]] = [[] for _ in prompts]
     lps: list[list[float]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
-    for step in sample_stream(model, prompts, params, generator, pad_id, tokenizer):
+    for step in sample_stream(model, prompts, params, generator, pad_id, tokenizer, compile):
         for t in step:
             ids[t.row].append(t.token_id)
             lps[t.row].append(t.logprob)
@@ -475,9 +530,10 @@ def sample(
     return [Completion(i, lp, r) for i, lp, r in zip(ids, lps, reasons)]
 
 
-@ENGINES.register("torch")
+@ENGINES.register("torch-eager")
 class TorchEngine:
-    """Our batched KV-cache sampler behind the ``Engine`` interface.
+    """Our batched KV-cache sampler behind the ``Engine`` interface, eager torch ops by
+    default (``compile=True``: the fused step of ``compiled.py``).
 
     In-process: it samples from the very module it was given, so ``sync_weights`` with that
     module is a no-op; another module's weights are copied in (a LoRA model's merged).
@@ -485,6 +541,8 @@ class TorchEngine:
 
     decodes_module = True
     """Decodes the module it was given in this process (``sync_weights`` copies weights in)."""
+    budget_forcing = True
+    """Implements ``SamplingParams.budget`` (s1 budget forcing, ``budget.py``)."""
 
     def __init__(
         self,
@@ -493,11 +551,13 @@ class TorchEngine:
         *,
         pad_id: int | None = None,
         max_batch_rows: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = resolve_pad_id(tokenizer, pad_id)
         self.max_batch_rows = max_batch_rows  # rows decoded together; None: one batch
+        self.compile = compile  # the fused decoding step (compiled.py); False: eager
 
     def generate(
         self, requests: Sequence[Request], generator: torch.Generator | None = None
@@ -514,6 +574,7 @@ class TorchEngine:
                 generator,
                 self.pad_id,
                 tokenizer=self.tokenizer,
+                compile=self.compile,
             )
         out, i = [], 0
         for r in requests:
@@ -526,7 +587,13 @@ class TorchEngine:
     ) -> Iterator[TokenEvent]:
         prompts = [request.prompt] * request.n
         for step in sample_stream(
-            self.model, prompts, request.params, generator, self.pad_id, self.tokenizer
+            self.model,
+            prompts,
+            request.params,
+            generator,
+            self.pad_id,
+            self.tokenizer,
+            self.compile,
         ):
             for t in step:
                 yield TokenEvent(t.row, t.token_id, t.logprob, t.finish_reason)
@@ -534,3 +601,13 @@ class TorchEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:  # LoRA adapters are merged into the copied weights
             self.model.load_state_dict(lora.merged_state_dict(model))
+
+
+@ENGINES.register("torch")
+class FusedTorchEngine(TorchEngine):
+    """The default engine: our sampler with the fused decoding step (``compiled.py``), eager
+    after one warning line where it cannot run (``--engine torch-eager`` asks for eager)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, **options: Any) -> None:
+        options.setdefault("compile", True)
+        super().__init__(model, tokenizer, **options)

@@ -88,7 +88,7 @@ class EvalConfig:
     answer_tokens: int = 32
     """With a budget B: the completion may run to B + this many tokens (forced '</think>\\n<answer>' plus the answer)."""
     engine: str = "torch"
-    """Engine for a local model (torch, hf, vllm); budget forcing needs torch."""
+    """Engine for a local model: torch (our sampler, fused decoding step), torch-eager (plain torch ops), hf, vllm; budget forcing needs torch or torch-eager."""
     chunk: int = 16
     """Problems per generation batch; results.jsonl is appended after each."""
     out: str = ""
@@ -116,7 +116,7 @@ class EvalConfig:
             ENGINES.get(self.engine)
         budgets = self.budget_list()
         if budgets or self.min_think:
-            if self.base_url or self.engine != "torch":
+            if self.base_url or not getattr(ENGINES.get(self.engine), "budget_forcing", False):
                 raise ValueError(
                     "budget forcing (--budgets, --min-think) needs a local model on the torch "
                     "engine: other engines cannot replace tokens during decoding"

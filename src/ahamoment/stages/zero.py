@@ -81,7 +81,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     top_p: float = 1.0
     """Rollout nucleus sampling."""
     engine: str = "torch"
-    """Rollout engine (rollout/): torch (our KV-cache sampler), hf (transformers generate), vllm (GPU extra)."""
+    """Rollout engine (rollout/): torch (our KV-cache sampler, fused decoding step), torch-eager (plain torch ops), hf (transformers generate), vllm (GPU extra)."""
     reward: str = "accuracy=1.0,format=1.0"
     """Weighted rewards as name=weight pairs; a name may be an import path pkg.mod:fn (weight 1 if omitted)."""
     advantage: str = "grpo"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks of the speed work, sized for 15 minutes of one H100/H200: the rollout bench on
+# CUDA in bf16 (a Qwen2-0.5B-shaped model from its config), then 20 steps of `aha zero` on the
+# embedded model with --device auto --bf16. Run from the repository root on the GPU machine;
+# it writes its logs to ${OUT:-runs/gpu}. Prepared, not yet run: no GPU was lent so far.
+set -euo pipefail
+out=${OUT:-runs/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 AHAMOMENT_CACHE=${AHAMOMENT_CACHE:-$out/cache}
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
+# the image's torch stays; ahamoment and its pure-Python dependencies come from wheels in .whl
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:src
+else
+  export PYTHONPATH=src
+fi
+timeout 420 python3 bench/gpu_rollout.py --repeats 3 --hf-static 2>&1 | tee "$out/gpu_rollout.txt"
+timeout 360 python3 -m ahamoment.cli zero --device auto --bf16 --steps 20 --heldout-n 100 \
+  --eval-every 0 --no-real-eval --out "$out/zero" 2>&1 | tee "$out/zero.txt"
+grep -h "step_s" "$out/zero/metrics.jsonl" | python3 -c "
+import json, sys, statistics
+rows = [json.loads(l) for l in sys.stdin]
+print('zero_gpu_step_s=%.3f' % statistics.median(r['step_s'] for r in rows[2:]))"

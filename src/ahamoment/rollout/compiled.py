@@ -1,0 +1,650 @@
+"""The torch engine's decoding step fused into a few C kernels (``sample(..., compile=True)``).
+
+The eager step (``sampler._LlamaLike``) runs dozens of small torch ops per layer; at the
+rollout's sizes (the 0.9M-parameter default, 128 rows) about half of its time is per-op
+overhead and attention split into many tiny batched matmuls. This step keeps torch (MKL) for
+the matrix products, with q/k/v and gate/up each concatenated into one product, and replaces
+everything between them with four kernels: RMS norm; RoPE plus the KV-cache write plus
+attention over the prompt and completion caches; SiLU(gate) * up; and the sampler's choice
+(log-softmax, then argmax or the same inverse-CDF draw as ``sampler._draw``, fed the same
+uniforms). A layer is 8 calls; attention reads each cached key and value once.
+
+What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, at
+the memory bandwidth that streaming every row's completion cache needs, so the step cannot get
+much faster in fp32 (docs/results/performance.md).
+
+The kernels are plain C, built per machine and head size with the system C compiler (``$CC``,
+else gcc or cc) into the ahamoment cache (``kernels/``), keyed by the source, the compiler and
+the CPU, and loaded with ctypes: a compile the first time, a ``dlopen`` afterwards. No shapes
+are compiled in, so batch size, prompt and completion lengths never rebuild anything.
+The kernels run on the calling thread only; the matrix products use torch's thread count.
+
+Why not ``torch.compile``: inductor's CPU code for the same step recomputed RoPE inside every
+dot product of its attention and summed each dot horizontally, and took far longer to compile
+than a rollout takes; these kernels ran faster (docs/results/performance.md).
+
+Where the fused step cannot run, decoding is eager, after one warning line: no working C
+compiler, a model other than fp32 on CPU, or one whose layers are not the plain Llama/Qwen2/
+Mistral ones (LoRA-wrapped projections, biases other than q/k/v, an activation other than SiLU,
+a RoPE whose frequencies depend on the sequence length, a sliding window shorter than the
+sequence). Results agree with eager to float rounding, not bit for bit: each kernel sums in its
+own order (``tests/test_compiled_decode.py``).
+
+Layout: the prompt cache holds each distinct prompt once, as in the eager sampler; slot s reads
+prompt ``rp[s]``. The completion cache has one row per slot. Keys are stored in tiles of 8
+columns, transposed, (..., ceil(T / 8), D, 8), so that 8 scores are 8-wide multiply-adds with
+no horizontal sums; values stay (..., T, D). The cache is never zero-filled up front (only
+written columns are read; a key tile is zeroed when its first column is written), so an
+evaluation batch whose rows stop early never makes it all resident. Finished rows ride along
+until a quarter of the slots are free, then the cache is compacted (the eager sampler's rule).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from ahamoment import decoder
+from ahamoment.models import cache_dir
+
+__all__ = ["FusedLlama", "fused_runner", "kernels"]
+
+_C_SOURCE = r"""
+/* Fused kernels for one decoding step of a Llama-style decoder: fp32, CPU, contiguous tensors.
+   Plain C, no intrinsics: gcc vectorizes the loops marked `omp simd` (-fopenmp-simd). No
+   -ffast-math, so the process's floating-point mode and inf/NaN semantics stay as they are. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#ifndef HEAD_DIM
+#define HEAD_DIM 64
+#endif
+#define TILE 8
+
+/* exp(x), vectorizable: Cephes' expf (2^n e^r, |r| <= ln2 / 2, degree-6 polynomial; about 1 ulp),
+   with x clamped to [-87, 88] so that 2^n stays a normal float (exp(-87) = 1.6e-38 stands in for
+   anything smaller; it is 0 next to the 1 of the softmax's maximum). */
+INLINE float exp_(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* n = round(x / ln2) by the 1.5 * 2^23 shifter: its low mantissa bits hold n */
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;
+    union { float f; int32_t i; } v = {.f = shifted};
+    const float n = shifted - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    v.i = (v.i - 0x4B400000 + 127) << 23; /* 2^n */
+    return p * v.f;
+}
+
+/* y = w * x / sqrt(mean(x^2) + eps), row by row: x, y (S, C), w (C,). */
+void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y, int64_t S,
+             int64_t C, float eps) {
+    for (int64_t s = 0; s < S; s++) {
+        const float *xs = x + s * C;
+        float *ys = y + s * C, ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * r);
+    }
+}
+
+/* a = silu(gu[:, :I]) * gu[:, I:]: gu (S, 2I), a (S, I). */
+void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I) {
+    for (int64_t s = 0; s < S; s++) {
+        const float *g = gu + s * 2 * I, *u = g + I;
+        float *as = a + s * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) as[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+    }
+}
+
+/* HF's rotate_half RoPE of one head x (D,): x * cos + rotate_half(x) * sin. */
+INLINE void rope(const float *restrict x, const float *restrict c, const float *restrict sn,
+                 float *restrict out, int64_t D) {
+    const int64_t h = D / 2;
+#pragma omp simd
+    for (int64_t d = 0; d < h; d++) out[d] = x[d] * c[d] - x[d + h] * sn[d];
+#pragma omp simd
+    for (int64_t d = h; d < D; d++) out[d] = x[d] * c[d] + x[d - h] * sn[d];
+}
+
+/* out[l] = q . key l, for the 8 keys of one tile kt (D, 8): 8-wide multiply-adds, no
+   horizontal sums. */
+typedef float vtile __attribute__((vector_size(TILE * sizeof(float))));
+
+INLINE void tile_scores(const float *restrict q, const float *restrict kt, float *restrict out,
+                        int64_t D) {
+    vtile acc = {0};
+    for (int64_t d = 0; d < D; d++) {
+        vtile k;
+        memcpy(&k, kt + d * TILE, sizeof k);
+        acc += q[d] * k;
+    }
+    memcpy(out, &acc, sizeof acc);
+}
+
+/* tile_scores of n consecutive tiles, 4 at a time (independent sums keep the FMA units busy
+   instead of waiting on one chain of D multiply-adds). */
+INLINE void tiles_scores(const float *restrict q, const float *restrict kt, float *restrict out,
+                         int64_t n, int64_t D) {
+    int64_t b = 0;
+    for (; b + 4 <= n; b += 4) {
+        vtile a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const float *k0 = kt + b * D * TILE;
+        for (int64_t d = 0; d < D; d++) {
+            vtile x0, x1, x2, x3;
+            memcpy(&x0, k0 + d * TILE, sizeof x0);
+            memcpy(&x1, k0 + (D + d) * TILE, sizeof x1);
+            memcpy(&x2, k0 + (2 * D + d) * TILE, sizeof x2);
+            memcpy(&x3, k0 + (3 * D + d) * TILE, sizeof x3);
+            a0 += q[d] * x0;
+            a1 += q[d] * x1;
+            a2 += q[d] * x2;
+            a3 += q[d] * x3;
+        }
+        memcpy(out + b * TILE, &a0, sizeof a0);
+        memcpy(out + (b + 1) * TILE, &a1, sizeof a1);
+        memcpy(out + (b + 2) * TILE, &a2, sizeof a2);
+        memcpy(out + (b + 3) * TILE, &a3, sizeof a3);
+    }
+    for (; b < n; b++) tile_scores(q, kt + b * D * TILE, out + b * TILE, D);
+}
+
+/* out = sum_j p[j] v[j] over n rows v (n, D). */
+INLINE void weighted_rows(const float *restrict p, const float *restrict v, int64_t n,
+                          float *restrict acc, int64_t D) {
+    for (int64_t j = 0; j < n; j++) {
+        const float pj = p[j], *vj = v + j * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) acc[d] += pj * vj[d];
+    }
+}
+
+/* One kv head g of one slot: see attn_decode. sc: (H / Hkv) rows of nmax + 2 TILE floats. */
+INLINE void attn_head(const float *restrict row, const float *restrict c,
+                      const float *restrict sn, float *restrict kcg, float *restrict vcg,
+                      const float *restrict kpg, const float *restrict vpg, float *restrict o,
+                      float *restrict q, float *restrict sc, int64_t g, int64_t H, int64_t Hkv,
+                      int64_t D, int64_t Lp, int64_t p0, int64_t t, int64_t nmax,
+                      float scaling) {
+    const int64_t rep = H / Hkv, np = Lp - p0, n = np + t + 1;
+    /* the new key, rotated, into column t (tile t / 8, lane t % 8); the new value into row t */
+    float k[D];
+    rope(row + (H + g) * D, c, sn, k, D);
+    float *kt = kcg + (t / TILE) * D * TILE;
+    if (t % TILE == 0) /* a fresh tile: its unwritten lanes are computed on, so make them 0 */
+        memset(kt, 0, D * TILE * sizeof(float));
+    for (int64_t d = 0; d < D; d++) kt[d * TILE + t % TILE] = k[d];
+    memcpy(vcg + t * D, row + (H + Hkv + g) * D, D * sizeof(float));
+    for (int64_t r = 0; r < rep; r++) {
+        float *qr = q + r * D;
+        rope(row + (g * rep + r) * D, c, sn, qr, D);
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) qr[d] *= scaling;
+    }
+    const int64_t pt0 = p0 / TILE, ptn = (Lp + TILE - 1) / TILE, ctn = t / TILE + 1;
+    for (int64_t r = 0; r < rep; r++) {
+        /* scores of the valid prompt columns p0 .. Lp-1, then of completion columns 0 .. t, at
+           sr[0 .. n-1]. Whole tiles are written: a prompt tile's lanes before p0 land in the
+           TILE floats of headroom before sr, and those after Lp-1 are overwritten by the
+           completion tiles, whose lanes after t are never read. */
+        const float *qr = q + r * D;
+        float *sr = sc + r * (nmax + 2 * TILE) + TILE;
+        tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D);
+        tiles_scores(qr, kcg, sr + np, ctn, D);
+        float m = sr[0], z = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
+#pragma omp simd reduction(+ : z)
+        for (int64_t j = 0; j < n; j++) {
+            sr[j] = exp_(sr[j] - m);
+            z += sr[j];
+        }
+        float acc[D];
+        memset(acc, 0, sizeof acc);
+        weighted_rows(sr, vpg + p0 * D, np, acc, D);
+        weighted_rows(sr + np, vcg, t + 1, acc, D);
+        const float inv = 1.0f / z;
+        float *orr = o + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) orr[d] = acc[d] * inv;
+    }
+}
+
+/* Attention of one new token per slot s.
+   qkv (S, (H + 2 Hkv) D): the new token's q, k, v projections, before RoPE.
+   cos_t, sin_t (P, D): the model's rotary table; slot s is at position pos[s].
+   kc (S, Hkv, ceil(T / 8), D, 8), vc (S, Hkv, T, D): this layer's completion cache, keys in
+   tiles of 8 columns, transposed. Column t receives the new key (rotated) and value; the slot
+   then attends to columns 0 .. t.
+   kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
+   prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
+   out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
+   h / (H / Hkv)). scratch: (H / Hkv) (D + Lp + T + 2 TILE) floats. */
+void attn_decode(const float *restrict qkv, const float *restrict cos_t,
+                 const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
+                 float *restrict vc, const float *restrict kp, const float *restrict vp,
+                 const int64_t *restrict rp, const int64_t *restrict pstart,
+                 float *restrict out, float *restrict scratch, int64_t S, int64_t H,
+                 int64_t Hkv, int64_t D, int64_t T, int64_t Lp, int64_t t, float scaling) {
+    const int64_t rep = H / Hkv, stride = (H + 2 * Hkv) * D, nmax = Lp + T;
+    const int64_t kstride = (T + TILE - 1) / TILE * TILE * D;
+    const int64_t pkstride = (Lp + TILE - 1) / TILE * TILE * D;
+    float *q = scratch, *sc = scratch + rep * D;
+    for (int64_t s = 0; s < S; s++) {
+        const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
+        const int64_t u = rp[s], p0 = pstart[u];
+        for (int64_t g = 0; g < Hkv; g++) {
+            float *kcg = kc + (s * Hkv + g) * kstride, *vcg = vc + (s * Hkv + g) * T * D;
+            const float *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
+            float *o = out + (s * H + g * rep) * D;
+#define HEAD(DD) \
+    attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, DD, Lp, p0, t, nmax, scaling)
+            if (D == HEAD_DIM) /* the model's head size, built in: loops fully unrolled */
+                HEAD(HEAD_DIM);
+            else
+                HEAD(D);
+#undef HEAD
+        }
+    }
+}
+
+/* The sampler's choice for each row of logits (S, V), as rollout/sampler.py makes it eagerly:
+   x = logits / scale, log-probs log_softmax(x). A greedy row takes the first argmax of the
+   log-probs; another takes the first token whose cumulative probability (summed in double, as
+   torch.cumsum does for float) exceeds uni * total, kept strictly below total (sampler._draw).
+   tok, lp (S,): the token and its log-prob. buf: 2 V floats. */
+void sample_rows(const float *restrict logits, const float *restrict scale,
+                 const uint8_t *restrict greedy, const float *restrict uni,
+                 int64_t *restrict tok, float *restrict lp, float *restrict buf, int64_t S,
+                 int64_t V) {
+    float *x = buf, *e = buf + V;
+    for (int64_t s = 0; s < S; s++) {
+        const float *l = logits + s * V, temp = scale[s];
+        float m = -INFINITY, z = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < V; i++) {
+            x[i] = l[i] / temp;
+            m = x[i] > m ? x[i] : m;
+        }
+#pragma omp simd reduction(+ : z)
+        for (int64_t i = 0; i < V; i++) {
+            e[i] = exp_(x[i] - m);
+            z += e[i];
+        }
+        const float lz = logf(z);
+        int64_t k = 0;
+        if (greedy[s]) {
+            float best = (x[0] - m) - lz;
+            for (int64_t i = 1; i < V; i++) {
+                const float v = (x[i] - m) - lz;
+                if (v > best) best = v, k = i;
+            }
+        } else {
+            double acc = 0.0;
+            for (int64_t i = 0; i < V; i++) acc += (double)(e[i] / z);
+            const float total = (float)acc, below = nextafterf(total, 0.0f);
+            float target = uni[s] * total;
+            target = target < below ? target : below;
+            acc = 0.0;
+            for (k = 0; k < V - 1; k++) {
+                acc += (double)(e[k] / z);
+                if ((float)acc > target) break;
+            }
+        }
+        tok[s] = k;
+        lp[s] = (x[k] - m) - lz;
+    }
+}
+"""
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rmsnorm": [_P, _P, _P, _I64, _I64, _F32],
+    "silu_mul": [_P, _P, _I64, _I64],
+    "attn_decode": [_P] * 12 + [_I64] * 7 + [_F32],
+    "sample_rows": [_P] * 7 + [_I64, _I64],
+}
+# Tried in order: the build machine's vector ISA, then portable code. -fno-trapping-math lets
+# the compiler if-convert the clamps in exp_ (torch itself is built with it); neither flag
+# changes results, only which instructions compute them.
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+_COMMON = ["-std=c11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+
+_warned: set[str] = set()
+_libs: dict[int, ctypes.CDLL] = {}  # by head size
+_lib_error: str | None = None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fused decoding off, decoding eagerly: {reason}", RuntimeWarning, 3)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str, flags: list[str], out: Path) -> None:
+    """Compile, then link (without any math flags: linking with -ffast-math would pull in
+    crtfastmath.o, which changes the whole process's denormal handling)."""
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, obj, so = Path(tmp) / "fused.c", Path(tmp) / "fused.o", Path(tmp) / "fused.so"
+        src.write_text(_C_SOURCE)
+        for cmd in (
+            [cc, *_COMMON, *flags, "-c", str(src), "-o", str(obj)],
+            [cc, "-shared", str(obj), "-o", str(so), "-lm"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        os.replace(so, out)  # atomic: a concurrent build of the same key is harmless
+
+
+def kernels(head_dim: int = 64) -> ctypes.CDLL:
+    """The fused kernels, specialized for heads of ``head_dim`` (any other size still runs, on
+    generic loops), built on first use into ``<cache>/kernels/`` (about a second), then loaded
+    from there. Raises RuntimeError with the reason when no C compiler can build them."""
+    global _lib_error
+    if head_dim in _libs:
+        return _libs[head_dim]
+    if _lib_error is not None:
+        raise RuntimeError(_lib_error)
+    cc = _compiler()
+    errors = []
+    if cc is None:
+        errors.append("no C compiler found (set $CC, or install gcc)")
+    else:
+        try:
+            version = subprocess.run(
+                [cc, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            version, cc = "", None
+            errors.append(f"C compiler {os.environ.get('CC')!r} does not run ({e})")
+        for flags in _FLAG_SETS if cc else ():
+            flags = [*flags, f"-DHEAD_DIM={int(head_dim)}"]
+            key = hashlib.sha256(
+                "\0".join([_C_SOURCE, cc, version, " ".join(flags), _cpu_id()]).encode()
+            ).hexdigest()[:16]
+            path = cache_dir() / "kernels" / f"decode-{key}.so"
+            try:
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _build(cc, flags, path)
+                lib = ctypes.CDLL(str(path))
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", None) or str(e)
+                errors.append(f"{cc} {' '.join(flags)}: {detail.strip().splitlines()[-1:]}")
+                continue
+            for name, args in _SIGNATURES.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = None
+            _libs[head_dim] = lib
+            return lib
+    _lib_error = "could not build the fused decoding kernels: " + "; ".join(errors)
+    raise RuntimeError(_lib_error)
+
+
+_TILE = 8  # key columns per tile; TILE in the C source
+
+
+def _tiles(keys: torch.Tensor) -> torch.Tensor:
+    """Keys (..., T, D) as (..., ceil(T / 8), D, 8) tiles (the kernel's key layout), the last
+    tile's missing columns zero."""
+    T, D = keys.shape[-2:]
+    pad = -T % _TILE
+    if pad:
+        keys = torch.cat([keys, keys.new_zeros(*keys.shape[:-2], pad, D)], dim=-2)
+    return keys.unflatten(-2, (-1, _TILE)).transpose(-1, -2).contiguous()
+
+
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
+
+
+def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
+    """Why the fused step cannot decode ``model`` up to ``max_len`` tokens, or None."""
+    if not decoder.supports(model):
+        return f"model type {getattr(model.config, 'model_type', '?')!r} is not Llama-like"
+    if not decoder.fits_window(model, max_len):
+        return f"sliding-window attention shorter than {max_len} tokens"
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return f"fp32 on CPU only (got {p.dtype} on {p.device.type})"
+    cfg = model.config
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', None)!r} (SiLU only)"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope not in _ROPE_TYPES:
+        return f"RoPE type {rope!r} (frequencies must not depend on the sequence length)"
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if any(type(x) is not torch.nn.Linear for x in linears):
+            return "projections are not plain nn.Linear (LoRA adapters: merge them first)"
+        if any(x.bias is not None for x in linears[3:]):
+            return "biases on o_proj or the MLP"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(
+            not type(n).__name__.endswith("RMSNorm") or not hasattr(n, "variance_epsilon")
+            for n in norms
+        ):
+            return "norms are not RMSNorm"
+    return None
+
+
+class FusedLlama:
+    """The fused decoding runner: ``prefill``, then ``start``, then ``step`` / ``retire``.
+
+    Weights are copied from the model when the runner is built (once per decode), transposed
+    to (in, out) and with q/k/v and gate/up concatenated, so that each is one matrix product
+    (a few MB: the 0.9M default copies 3.7 MB in about a millisecond).
+    """
+
+    def __init__(self, model: PreTrainedModel, lib: ctypes.CDLL, max_len: int) -> None:
+        self.model, self.lib = model, lib
+        inner, cfg = model.model, model.config
+        attn = inner.layers[0].self_attn
+        self.D = attn.head_dim
+        self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.scaling = float(attn.scaling)
+        self.eps = float(inner.norm.variance_epsilon)
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(
+                dict(
+                    ln1=layer.input_layernorm.weight.detach().contiguous(),
+                    ln1_eps=float(layer.input_layernorm.variance_epsilon),
+                    ln2=layer.post_attention_layernorm.weight.detach().contiguous(),
+                    ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
+                    qkv=qkv.detach().t().contiguous(),  # (C, (H + 2 Hkv) D)
+                    qkv_bias=None if bias is None else bias.detach(),
+                    o=a.o_proj.weight.detach().t().contiguous(),
+                    gu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
+                    down=m.down_proj.weight.detach().t().contiguous(),
+                )
+            )
+        self.norm = inner.norm.weight.detach().contiguous()
+        self.embed = inner.embed_tokens.weight.detach()
+        self.lm_head = model.lm_head.weight.detach().t().contiguous()
+        self.I = inner.layers[0].mlp.gate_proj.out_features
+        positions = torch.arange(max_len, device=self.embed.device)[None]
+        cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # (1, P, D), HF's own
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.t = 0
+        self.S = 0
+
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ids, pos, valid: (U, Lp) left-padded prompts; returns last-position logits (U, V)."""
+        h, keys, values = decoder.prefill(self.model, ids, pos, valid)
+        self.Lp = ids.shape[1]
+        self.kp = _tiles(torch.stack(keys))  # (L, U, Hkv, ceil(Lp / 8), D, 8)
+        self.vp = torch.stack(values).contiguous()  # (L, U, Hkv, Lp, D)
+        # left padding: a prompt's valid columns are a suffix, from its first valid column on
+        self.pstart = (valid.shape[1] - valid.sum(-1)).to(torch.int64).contiguous()  # (U,)
+        return self.model.lm_head(self.model.model.norm(h[:, -1]))
+
+    forward = prefill
+
+    @property
+    def size(self) -> int:
+        return self.S
+
+    def start(self, row_prompt: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Allocate one completion-cache row per row of prompt ``row_prompt`` (B,); returns
+        each row's slot."""
+        self.T = max(1, max_new)
+        self.t = 0
+        self._allocate(row_prompt.to(torch.int64).contiguous())
+        return torch.arange(self.S, device=row_prompt.device)
+
+    def _allocate(self, rp: torch.Tensor) -> None:
+        L, S, Hkv, D = len(self.layers), len(rp), self.Hkv, self.D
+        # never zero-filled: the kernel reads only columns it wrote (a key tile is zeroed
+        # when its first column is written), so memory is touched only as rows decode
+        tiles = -(-self.T // _TILE)
+        self.k = torch.empty((L, S, Hkv, tiles, D, _TILE), dtype=torch.float32, device=rp.device)
+        self.v = torch.empty((L, S, Hkv, self.T, D), dtype=torch.float32, device=rp.device)
+        self.rp, self.S = rp, S
+        C, V = self.embed.shape[1], self.embed.shape[0]
+        new = dict(dtype=torch.float32, device=rp.device)
+        self.x = torch.empty(S, C, **new)
+        self.qkv = torch.empty(S, (self.H + 2 * self.Hkv) * self.D, **new)
+        self.o = torch.empty(S, self.H * self.D, **new)
+        self.gu = torch.empty(S, 2 * self.I, **new)
+        self.a = torch.empty(S, self.I, **new)
+        self.logits = torch.empty(S, V, **new)
+        self.tok = torch.empty(S, dtype=torch.int64, device=rp.device)
+        self.lp = torch.empty(S, **new)
+        rep = self.H // self.Hkv
+        attn = rep * (self.D + self.Lp + self.T + 2 * _TILE)
+        self.scratch = torch.empty(max(attn, 2 * V), **new)
+
+    def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
+        """Only the rows at ``slot`` (n,) go on. Compacts the cache when at most 3/4 of its
+        slots are live and returns the new slots; otherwise None (finished rows ride along)."""
+        n = len(slot)
+        if n > 0.75 * self.S:
+            return None
+        k, v, t = self.k, self.v, self.t
+        self._allocate(self.rp[slot].contiguous())
+        tiles = -(-t // _TILE)  # key tiles holding columns 0 .. t-1
+        self.k[:, :, :, :tiles] = k[:, :, :, :tiles].index_select(1, slot)
+        self.v[:, :, :, :t] = v[:, :, :, :t].index_select(1, slot)
+        return torch.arange(n, device=slot.device)
+
+    def step(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        scale: torch.Tensor,
+        greedy: torch.Tensor,
+        uniform: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, pos (S,) int64: one token per slot; scale (S,) float32 (1 for greedy rows),
+        greedy (S,) uint8, uniform (S,) float32. Returns logits (S, V) and the chosen token
+        and its log-prob (S,) per slot (the buffers are reused by the next step)."""
+        lib, S, C = self.lib, self.S, self.embed.shape[1]
+        x, qkv, o, gu, a = self.x, self.qkv, self.o, self.gu, self.a
+        h = self.embed.index_select(0, ids)  # (S, C)
+        pos = pos.contiguous()
+        Lp = self.Lp
+        for li, w in enumerate(self.layers):
+            lib.rmsnorm(h.data_ptr(), w["ln1"].data_ptr(), x.data_ptr(), S, C, w["ln1_eps"])
+            if w["qkv_bias"] is None:
+                torch.mm(x, w["qkv"], out=qkv)
+            else:
+                torch.addmm(w["qkv_bias"], x, w["qkv"], out=qkv)
+            lib.attn_decode(
+                qkv.data_ptr(),
+                self.cos.data_ptr(),
+                self.sin.data_ptr(),
+                pos.data_ptr(),
+                self.k[li].data_ptr(),
+                self.v[li].data_ptr(),
+                self.kp[li].data_ptr(),
+                self.vp[li].data_ptr(),
+                self.rp.data_ptr(),
+                self.pstart.data_ptr(),
+                o.data_ptr(),
+                self.scratch.data_ptr(),
+                S,
+                self.H,
+                self.Hkv,
+                self.D,
+                self.T,
+                Lp,
+                self.t,
+                self.scaling,
+            )
+            h.addmm_(o, w["o"])
+            lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
+            torch.mm(x, w["gu"], out=gu)
+            lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I)
+            h.addmm_(a, w["down"])
+        lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
+        torch.mm(x, self.lm_head, out=self.logits)
+        V = self.logits.shape[1]
+        scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
+        lib.sample_rows(
+            self.logits.data_ptr(),
+            scale.data_ptr(),
+            greedy.data_ptr(),
+            uniform.data_ptr(),
+            self.tok.data_ptr(),
+            self.lp.data_ptr(),
+            self.scratch.data_ptr(),
+            S,
+            V,
+        )
+        self.t += 1
+        return self.logits, self.tok, self.lp
+
+
+def fused_runner(model: PreTrainedModel, max_len: int) -> FusedLlama | None:
+    """A fused runner for ``model`` (sequences up to ``max_len`` tokens), or None after one
+    warning line when the fused step cannot run here."""
+    reason = unsupported(model, max_len)
+    if reason is None:
+        try:
+            return FusedLlama(model, kernels(model.model.layers[0].self_attn.head_dim), max_len)
+        except RuntimeError as e:
+            reason = str(e)
+    _warn_once(reason)
+    return None
