@@ -4,7 +4,9 @@ Loop: write a synthetic corpus of noisy solution traces (rendered in the R1-Zero
 train a BPE tokenizer on it, then train a tiny Llama with next-token prediction on packed
 blocks. The result is cached under a key that hashes the corpus generator's config and
 version, the model shape and the training budget, so a changed corpus never reuses a stale
-model.
+model, with a manifest that says how to rebuild it. The bases the README's commands start from
+are shipped with the package (``base_models.py``); ``aha pretrain`` with their settings rebuilds
+them and says whether the rebuild matches the shipped weights bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ahamoment.base_models import compare_with_shipped, write_manifest
 from ahamoment.data import sample_excluding
 from ahamoment.language import bilingual_tokens
 from ahamoment.models import (
@@ -305,10 +308,14 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     }
     (tmp / "ahamoment_pretrain.json").write_text(json.dumps(meta, indent=1))
     resume_file.unlink(missing_ok=True)
+    write_manifest(tmp, cfg)  # how to rebuild it, and the sha256 of every file
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
+    same = compare_with_shipped(out, cfg.cache_key())
+    if same and console is not None:
+        console.print(f"Built {same}.")
     return out
 
 

@@ -33,13 +33,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ahamoment import config as cfglib
+from ahamoment.base_models import embedded_base
 from ahamoment.data import sample_excluding
 from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.prompts import r1_zero_prompt
 from ahamoment.rewards import judge
 from ahamoment.splits import excluded
-from ahamoment.stages.pretrain import PretrainConfig, pretrain
+from ahamoment.stages.pretrain import PretrainConfig
 from ahamoment.tasks import TASKS, get_task
 from ahamoment.tasks.base import TraceNoise
 
@@ -187,11 +188,9 @@ def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, run / "config.yaml")
     base = Path(cfg.model) if cfg.model else None
-    if base is None:
+    if base is None:  # the two-language base: shipped, cached, or built now
         pcfg = PretrainConfig(task=cfg.task, p_foreign=cfg.p_foreign, threads=cfg.threads)
-        if not (pcfg.output_dir() / "config.json").exists():
-            console.print("[bold]Building the two-language base model (aha pretrain).")
-        base = pretrain(pcfg, console)
+        base = embedded_base(pcfg, console)
     console.print(f"[bold]Base model:[/] {base}")
 
     def rl(d: Path, model: Path, steps: int, reward: str) -> dict[str, Any]:
