@@ -2,20 +2,30 @@
 
 Every stage takes ``--recipe FILE.yaml`` plus one flag per config field; ``aha STAGE --help``
 lists them with their documentation. Each stage also runs as ``python -m ahamoment.stages.X``.
+
+A bad flag, recipe, data file or an I/O failure (disk full, read-only run directory) ends the
+command with one ``error:`` line that says where and what, and a non-zero status (2 for bad
+input, 1 for I/O), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
-from ahamoment import __version__
+from ahamoment import __version__, atomic
 from ahamoment import config as cfglib
+
+MAX_ERROR_CHARS = 600
+"""An error line is cut here: a message quoting a huge value stays one readable line."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,31 @@ def _load(cmd: Command) -> tuple[type, Callable[..., Any]]:
     return getattr(module, cmd.config), getattr(module, cmd.function)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line with a "did you mean" for a mistyped flag."""
+
+    def error(self, message: str) -> NoReturn:
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hint = ""
+        for typo in re.findall(r"(?<!\S)--[\w-]+", message):
+            if typo not in flags and (close := difflib.get_close_matches(typo, flags, n=1)):
+                hint = f"; did you mean {close[0]}?"
+                break
+        print(f"error: {self.prog}: command line: {message}{hint}", file=sys.stdout)
+        raise SystemExit(2)
+
+
+def _error(console: Console, message: str) -> None:
+    """One ``error:`` line (never wrapped, never read as markup, never huge)."""
+    line = " ".join(message.split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS] + " ..."
+    console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+
+
 def _parser(name: str, cmd: Command, config_cls: type) -> argparse.ArgumentParser:
     doc = (sys.modules[config_cls.__module__].__doc__ or "").strip()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"aha {name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -123,13 +155,19 @@ def run_stage(name: str, argv: list[str] | None) -> int:
     try:
         cfg = cfglib.build(config_cls, recipe, **args)
     except cfglib.ConfigError as e:
-        console.print(f"[red]error:[/] {e}")
+        _error(console, str(e))
         return 2
     try:
         result = fn(cfg, console=console)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+    except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        _error(console, atomic.describe(e))
         return 2
+    except ValueError as e:  # bad data (DataError names the file and the line) or settings
+        _error(console, str(e))
+        return 2
+    except OSError as e:  # disk full, read-only or unwritable run directory, ...
+        _error(console, atomic.describe(e))
+        return 1
     except KeyboardInterrupt:
         console.print(
             f"[yellow]Interrupted.[/] Progress is saved: run the same `aha {name}` again to resume."
@@ -142,7 +180,7 @@ def run_stage(name: str, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="aha",
         description="ahamoment: the DeepSeek-R1 recipe end to end, on a laptop or a cluster.",
         epilog="Run `aha COMMAND --help` for a command's options.",

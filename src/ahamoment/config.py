@@ -1,8 +1,11 @@
 """Typed configs: dataclasses whose field docstrings become the ``--help`` text.
 
 A stage's config is filled in three layers, later ones winning: the dataclass defaults, a
-YAML recipe (``--recipe recipes/x.yaml``), then command-line flags. Unknown recipe keys are
-errors that name the file and the line, with a suggestion.
+YAML recipe (``--recipe recipes/x.yaml``), then command-line flags. Every error is one line
+that says where the bad value came from (``recipe.yaml:4: field 'steps': ...`` or
+``command line: field 'steps': ...``): unknown keys (with a "did you mean"), values of the
+wrong type (a list where a number goes, NaN, a float where an integer goes), and values that
+``__post_init__`` rejects, which are traced back to the field its message names.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import re
 import textwrap
 import types
 import typing
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from ahamoment import atomic
 
 C = TypeVar("C")
 
@@ -71,20 +78,30 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+_KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     try:
+        if tp in (bool, int, float, str) and isinstance(value, list | dict | set | tuple):
+            raise ValueError(f"expected {_KIND[tp]}, got a {type(value).__name__}")
         if tp is bool:
             return value if isinstance(value, bool) else _parse_bool(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected {_KIND[tp]}, got {value}")
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not an integer")
             return int(value)
         if tp is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            return number
         if tp is str:
             return "" if value is None else str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())[:200]}") from e
     return value
 
 
@@ -140,21 +157,24 @@ def _yaml_key_lines(path: Path) -> dict[str, int]:
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, _ in node.value:
-            lines[str(key.value)] = key.start_mark.line + 1
+            lines[str(key.value).replace("-", "_")] = key.start_mark.line + 1
     return lines
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Load a YAML recipe as a flat mapping; syntax errors name the file and line."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML recipe (not UTF-8 text: {e.reason})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from e
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}{line}: invalid YAML: {why}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a recipe must be a mapping of field: value")
     return data
@@ -168,6 +188,7 @@ def build(cls: type[C], recipe: str | Path | None = None, **overrides: Any) -> C
     if recipe:
         layers.append((str(recipe), read_recipe(recipe), _yaml_key_lines(Path(recipe))))
     layers.append(("command line", overrides, {}))
+    wheres: dict[str, str] = {}  # field -> where its value was last set
     for source, data, lines in layers:
         for key, value in data.items():
             key = str(key).replace("-", "_")
@@ -178,12 +199,28 @@ def build(cls: type[C], recipe: str | Path | None = None, **overrides: Any) -> C
                 raise ConfigError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
             tp = _field_type(cls, names[key])
             values[key] = _coerce(value, tp, f"{where}: field {key!r}")
+            wheres[key] = where
     try:
         return cls(**values)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{cls.__name__}: {e}") from e
+    except (TypeError, ValueError, OSError) as e:
+        raise ConfigError(_blame(cls, " ".join(str(e).split()), wheres)) from e
+
+
+def _blame(cls: type, message: str, wheres: dict[str, str]) -> str:
+    """``message`` of a rejected config, led by where the field it names first was set
+    (``recipe.yaml:4: field 'steps': ...``); by the class name when it names no field set."""
+    found = []
+    for name, where in wheres.items():
+        flag = "--" + name.replace("_", "-")
+        m = re.search(rf"(?<![\w-])({re.escape(name)}|{re.escape(flag)})(?![\w-])", message)
+        if m:
+            found.append((m.start(), name, where))
+    if not found:
+        return f"{cls.__name__}: {message}"
+    _, name, where = min(found)
+    return f"{where}: field {name!r}: {message}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -191,4 +228,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically (``atomic.write_text``)."""
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import reprlib
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -17,18 +18,38 @@ class DataError(ValueError):
     """A bad data row; the message starts with ``path:line: ``."""
 
 
+MAX_LINE_BYTES = 64 << 20
+"""Longest JSONL line read (64 MiB): a longer one is an error, not a memory blow-up."""
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 40
+_short.maxlist = _short.maxdict = 6
+
+
+def show(value: Any) -> str:
+    """A short repr for an error message: a huge value never makes a huge line."""
+    return _short.repr(value)
+
+
 def read_jsonl(path: str | Path, *, tolerant: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, row)`` for each non-blank line; line numbers start at 1.
 
-    Strict (the default, for inputs): a line that is not a UTF-8 JSON object raises
-    ``DataError`` naming the file and line. ``tolerant`` (for files a live or killed run
-    writes): a missing file is empty, and a torn or invalid line is skipped.
+    Strict (the default, for inputs): a line that is not a UTF-8 JSON object (or is longer
+    than ``MAX_LINE_BYTES``) raises ``DataError`` naming the file and line. ``tolerant`` (for
+    files a live or killed run writes): a missing file is empty, and a torn or invalid line is
+    skipped.
     """
     if tolerant and not Path(path).exists():
         return
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
             try:
+                if len(raw) > MAX_LINE_BYTES:
+                    while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                        raw = f.readline(MAX_LINE_BYTES)
+                    raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB")
                 row = _parse_line(raw, path, lineno)
             except DataError:
                 if tolerant:
@@ -49,9 +70,19 @@ def _parse_line(raw: bytes, path: str | Path, lineno: int) -> dict[str, Any] | N
         row = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # a number of 5,000 digits, nesting 10,000 deep
+        raise DataError(f"{path}:{lineno}: invalid JSON ({str(e)[:80]})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     return row
+
+
+def row_id(row: dict[str, Any], path: str | Path, lineno: int) -> str:
+    """A row's optional ``id`` (a string or an integer) as a string; ``path:line`` without."""
+    rid = row.get("id", f"{path}:{lineno}")
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise DataError(f"{path}:{lineno}: 'id' must be a string or an integer, got {show(rid)}")
+    return str(rid)
 
 
 def sample_excluding(

@@ -49,15 +49,60 @@ def _judge(task_name, pid, question, gold, problem, completion):
     if hit is not None:
         return hit
     task = get_task(task_name)
-    extract = getattr(task, "extract", None)
-    answer = extract(completion) if extract else extract_answer(completion)
+    answer = _extract(task, completion)
     if answer is None:
         out: tuple[str | None, Verdict] = (None, Verdict(False, False, "no answer"))
     else:
         out = (answer, task.verify(problem, answer))
+    _remember(key, out)
+    return out
+
+
+def _extract(task, completion: str) -> str | None:
+    extract = getattr(task, "extract", None)
+    return extract(completion) if extract else extract_answer(completion)
+
+
+def _remember(key: tuple, out: tuple[str | None, Verdict]) -> None:
     if len(_VERDICTS) >= 4096:
         _VERDICTS.pop(next(iter(_VERDICTS)))  # oldest first (dicts keep insertion order)
     _VERDICTS[key] = out
+
+
+def judge_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None:
+    """Judge a batch ahead of ``judge`` where a task verifies batches (``verify_many``: the code
+    task runs a step's programs in parallel sandboxes); the verdicts go to judge's memo. Tasks
+    without ``verify_many`` are left alone: their answers are judged one by one, as before."""
+    todo: dict[str, list[tuple[tuple, Problem, str]]] = {}
+    for p, c in zip(problems, completions):
+        key = (p.task, p.id, p.question, p.answer, c)
+        if key not in _VERDICTS:
+            todo.setdefault(p.task, []).append((key, p, c))
+    for name, rows in todo.items():
+        task = get_task(name)
+        many = getattr(task, "verify_many", None)
+        if many is None:
+            continue
+        answers = {key: _extract(task, c) for key, _, c in rows}
+        asked = list({key: p for key, p, _ in rows if answers[key] is not None}.items())
+        verdicts = many([p for _, p in asked], [answers[key] for key, _ in asked])
+        for (key, _), verdict in zip(asked, verdicts):
+            _remember(key, (answers[key], verdict))
+
+
+def task_stats(problems: Sequence[Problem], completions: Sequence[str]) -> dict[str, float]:
+    """``task/<key>`` figures of a batch from each task's ``batch_stats`` (none for tasks
+    without it); with several tasks in a batch, their figures are summed key by key."""
+    out: dict[str, float] = {}
+    names = dict.fromkeys(p.task for p in problems)
+    for name in names:
+        stats = getattr(get_task(name), "batch_stats", None)
+        if stats is None:
+            continue
+        rows = [(p, c) for p, c in zip(problems, completions) if p.task == name]
+        verdicts = [judge(p, c)[1] for p, c in rows]
+        for k, v in stats([p for p, _ in rows], verdicts).items():
+            out[f"task/{k}"] = out.get(f"task/{k}", 0) + v
     return out
 
 
@@ -75,6 +120,15 @@ def format_reward(problem: Problem, completion: str) -> float:
 def accuracy_reward(problem: Problem, completion: str) -> float:
     """1.0 iff the last tagged answer is correct by the problem's task verifier."""
     return 1.0 if judge(problem, completion)[1].correct else 0.0
+
+
+@REWARDS.register("code")
+def code_reward(problem: Problem, completion: str) -> float:
+    """The share of the problem's tests that the answer's program passes (``Verdict.score``;
+    tasks/code.py); 0 on a timeout, crash, attack or no answer. All-or-nothing is ``accuracy``.
+    A task without partial credit scores as ``accuracy``."""
+    verdict = judge(problem, completion)[1]
+    return float(verdict.correct) if verdict.score is None else verdict.score
 
 
 @REWARDS.register("language")
@@ -149,6 +203,7 @@ def score(
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
     fns = {name: REWARDS.get(name) for name in weights}
+    judge_batch(problems, completions)  # a no-op unless a task verifies batches
     n = len(completions)
     total = [0.0] * n
     components: dict[str, list[float]] = {}

@@ -3,15 +3,21 @@
 Every stage that writes a run (`aha zero`, `aha sft`, `aha eval`, `aha distill generate`)
 goes through :class:`RunDir`: it resolves ``--out`` (default ``runs/<stage>-<timestamp>``;
 with ``--resume`` and no ``--out``, the newest such run), refuses to write into a run that
-is not its own unless resuming, saves the config, appends JSONL rows (flushed, so a kill
-loses at most the row being written) and, on resume, cuts the rows logged after the
-checkpoint resumed from (they are logged again). :func:`interruptible` turns SIGTERM into
-Ctrl-C, saves, and exits with status 130.
+is not its own unless resuming, saves the config, appends JSONL rows (flushed and fsynced, so
+a kill loses at most the rows being written; a torn last line is cut before the next append)
+and, on resume, cuts the rows logged after the checkpoint resumed from (they are logged again).
+:func:`interruptible` turns SIGTERM into Ctrl-C, saves, and exits with status 130.
+
+Every whole file a stage writes into its run directory is written atomically: ``run / name``
+is a :class:`RunPath`, whose ``write_text`` and ``write_bytes`` go through ``atomic`` (a
+temporary file, fsync, rename), so ``summary.json`` or ``base_eval.json`` is never read half
+written after a kill.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -23,9 +29,23 @@ from typing import Any
 
 import yaml
 
+from ahamoment import atomic
 from ahamoment import config as cfglib
 from ahamoment.data import read_jsonl
 from ahamoment.distributed import Ranks
+
+
+class RunPath(type(Path())):  # type: ignore[misc]
+    """A path under a run directory: ``write_text`` and ``write_bytes`` replace the file
+    atomically and durably (``atomic.write_bytes``)."""
+
+    def write_text(self, data: str, encoding: str | None = None, *args: Any, **kw: Any) -> int:
+        atomic.write_text(self, data, encoding)
+        return len(data)
+
+    def write_bytes(self, data: bytes) -> int:  # type: ignore[override]
+        atomic.write_bytes(self, data)
+        return len(data)
 
 
 class RunDir:
@@ -33,6 +53,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._appended: set[str] = set()  # files whose torn tail has been checked
 
     @staticmethod
     def resolve(out: str, stage: str, resume: bool = False, ranks: Ranks | None = None) -> RunDir:
@@ -49,8 +70,8 @@ class RunDir:
             path = Path("runs") / f"{stage}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         return RunDir((ranks or Ranks()).broadcast(str(path)))
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
+    def __truediv__(self, name: str) -> RunPath:
+        return RunPath(self.path, name)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -60,7 +81,7 @@ class RunDir:
         before anything is written), then create it on rank 0."""
         ranks = ranks or Ranks()
         p = self.path
-        if resume_from is None and p.exists() and any(x.name != "config.yaml" for x in p.iterdir()):
+        if resume_from is None and p.exists() and any(_counts(x) for x in p.iterdir()):
             if not resume:
                 raise FileExistsError(
                     f"{p} is not empty; pass --resume to continue it, or another --out"
@@ -74,10 +95,19 @@ class RunDir:
         cfglib.save_yaml(cfg, self.path / "config.yaml")
 
     def append(self, name: str, *rows: dict[str, Any]) -> None:
-        """Append JSON rows to ``name`` in one flushed write."""
-        with (self.path / name).open("a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        """Append JSON rows to ``name`` in one write, flushed and fsynced. The first append to a
+        file in this process cuts a torn last line (a kill mid-write), so new rows never join
+        it."""
+        path = self.path / name
+        if name not in self._appended:
+            atomic.cut_torn_tail(path)
+            self._appended.add(name)
+        data = "".join(json.dumps(r) + "\n" for r in rows)
+        with path.open("a") as f:
+            atomic.fault_point("runs.append", f, data)
+            f.write(data)
             f.flush()
+            os.fsync(f.fileno())
 
     def rows(self, name: str) -> list[dict[str, Any]]:
         """The rows of ``name``; a torn last line (a kill mid-write) is skipped."""
@@ -88,7 +118,15 @@ class RunDir:
         path = self.path / name
         if path.exists():
             keep = [r for r in self.rows(name) if r.get("step", 0) <= step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _counts(entry: Path) -> bool:
+    """Whether ``entry`` makes a run directory someone's run: anything but its config and the
+    temporary file of an atomic write a kill left behind."""
+    return entry.name != "config.yaml" and not (
+        entry.name.startswith(".") and entry.name.endswith(".part")
+    )
 
 
 # --- reading a run ----------------------------------------------------------------------

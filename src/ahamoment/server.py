@@ -29,6 +29,14 @@ request just collects its events). A batch runs to its end: requests that arrive
 wait for the next batch (no continuous batching). At most ``max_inflight`` requests are
 admitted (waiting or decoding); one more gets a 429 at once.
 
+**Hostile clients**: every failure is an OpenAI-shaped error (``{"error": {message, type,
+param, code}}``): a 4xx for a bad body (not JSON, wrong types, values out of range, an unknown
+path or method), 413 for a body over ``max_request_bytes`` (read no further), 400
+``context_length_exceeded`` for a prompt longer than the context (a prompt with more characters
+than the context holds tokens times the longest token is refused before it is tokenized), 429
+when full, and a 500 that logs only the exception's type. A client that disconnects mid-stream
+leaves its rows to finish decoding (bounded by ``max_tokens``); the request is released then.
+
 Differences from the OpenAI API: stop strings are cut from the text as OpenAI does (our
 engines keep them; ``/v1/completions`` reports the cut one as vLLM's ``stop_reason``);
 ``seed`` is ignored (rows share a batch's random draws); ``top_logprobs`` is not supported.
@@ -52,6 +60,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ahamoment.prompts import CHAT_TEMPLATE, stop_ids
 from ahamoment.rollout.base import SamplingParams
@@ -347,6 +356,7 @@ class Service:
         max_batch_rows: int = 64,
         batch_wait_ms: float = 5.0,
         seed: int = 0,
+        max_request_bytes: int = 8 << 20,
     ) -> None:
         if reasoning not in ("visible", "hidden"):
             raise ValueError(f"reasoning must be 'visible' or 'hidden', got {reasoning!r}")
@@ -359,6 +369,9 @@ class Service:
         self.api_key = api_key.encode()
         self.max_tokens, self.max_n, self.max_inflight = max_tokens, max_n, max_inflight
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_request_bytes = max_request_bytes
+        # no token spells more characters than this: a longer text cannot fit the context
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.stop_ids = stop_ids(tokenizer)
         specials = (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
         self.hidden_ids = {i for i in specials if i is not None}
@@ -453,11 +466,24 @@ class Service:
                 )
             content = m.get("content") or ""
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+                content = "".join(parts) if all(isinstance(t, str) for t in parts) else None
             if not isinstance(content, str):
                 raise APIError(400, "message content must be a string or text parts", "messages")
             clean.append({"role": m["role"], "content": content})
         text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        return self.tokenize(text, "messages")
+
+    def tokenize(self, text: str, param: str) -> list[int]:
+        """Token ids of ``text``; a text too long for the context is refused untokenized."""
+        if len(text) > self.context * self.max_token_chars:
+            raise APIError(
+                400,
+                f"this model's context length is {self.context} tokens; the prompt has "
+                f"{len(text)} characters, more than that many tokens can hold",
+                param,
+                "context_length_exceeded",
+            )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -475,6 +501,10 @@ def _number(value: Any, name: str, kind: type, lo: float, hi: float) -> Any:
     return kind(value)
 
 
+def _token_id(value: Any, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+
+
 # --- the HTTP app ---------------------------------------------------------------------------
 def make_app(service: Service) -> FastAPI:
     @asynccontextmanager
@@ -490,11 +520,32 @@ def make_app(service: Service) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        # the exception text may quote generated or hidden text: name its type only
+        log.error("%s %s failed (%s): 500", request.method, request.url.path, type(e).__name__)
+        err = APIError(500, "internal error; see the server log", code="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     async def body_of(request: Request) -> dict[str, Any]:
         service.check_auth(request.headers.get("authorization"))
+        limit = service.max_request_bytes
+        too_big = APIError(413, f"the request body is over {limit} bytes", code="too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        raw = bytearray()
+        async for part in request.stream():  # read no further than the limit
+            raw += part
+            if len(raw) > limit:
+                raise too_big
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
@@ -516,7 +567,10 @@ def make_app(service: Service) -> FastAPI:
         prompt = service.chat_prompt(body)
         params, n = service.sampling(body, len(prompt))
         stream = bool(body.get("stream", False))
-        usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise APIError(400, "stream_options must be an object", "stream_options")
+        usage_in_stream = bool(options.get("include_usage"))
         job = service.submit(prompt, params, n, True, bool(body.get("logprobs")))
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -559,11 +613,11 @@ def make_app(service: Service) -> FastAPI:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str) and prompt:
-            prompt = service.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt = service.tokenize(prompt, "prompt")
         elif not (
             isinstance(prompt, list)
             and prompt
-            and all(isinstance(t, int) and 0 <= t < len(service.tokenizer) for t in prompt)
+            and all(_token_id(t, len(service.tokenizer)) for t in prompt)
         ):
             raise APIError(400, "prompt must be a non-empty string or list of token ids", "prompt")
         if body.get("stream"):
@@ -571,7 +625,11 @@ def make_app(service: Service) -> FastAPI:
         params, n = service.sampling(body, len(prompt))
         extra = body.get("stop_token_ids")
         if extra:
-            params.stop_ids = tuple(sorted(set(params.stop_ids) | {int(t) for t in extra}))
+            if not isinstance(extra, list) or not all(
+                _token_id(t, len(service.tokenizer)) for t in extra
+            ):
+                raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
+            params.stop_ids = tuple(sorted(set(params.stop_ids) | set(extra)))
         job = service.submit(prompt, params, n, False, body.get("logprobs") is not None)
         choices, usage = await _collect(job, len(prompt))
         out = []

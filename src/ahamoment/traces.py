@@ -9,7 +9,8 @@ answer, without the constant tags, to a sample already kept for the same prompt)
 The store writes each prompt's kept rows to the current shard, flushed and fsynced, and only
 then a done-marker line to ``done.jsonl``. On resume, a torn last line is cut off, and rows of
 prompts without a marker (a kill between the two writes) are dropped and generated again; so
-after any kill -9 every prompt's samples are present exactly once.
+after any kill -9 every prompt's samples are present exactly once. A line that is damaged
+anywhere else is an error naming the file and the line (``DataError``), never a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ahamoment import atomic
+from ahamoment.data import DataError, read_jsonl
 from ahamoment.rewards import format_reward, judge
 from ahamoment.rollout import Completion
 from ahamoment.tasks.base import Problem
@@ -105,14 +108,22 @@ def filter_samples(
     return kept, rejected
 
 
-def _clean_torn_tail(path: Path) -> None:
-    """Cut a last line that lacks its newline (a write torn by a kill)."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+def _marker(path: Path, lineno: int, row: dict[str, Any]) -> dict[str, Any]:
+    """A done marker, checked: ``prompt_id`` (str), ``accepted`` (int), ``rejected`` (dict)."""
+    if not isinstance(row.get("prompt_id"), str):
+        raise DataError(f"{path}:{lineno}: field 'prompt_id': expected a string")
+    if type(row.get("accepted")) is not int or not isinstance(row.get("rejected"), dict):
+        raise DataError(
+            f"{path}:{lineno}: fields 'accepted' and 'rejected': expected an int and an object"
+        )
+    return row
+
+
+def _prompt_id(path: Path, lineno: int, row: dict[str, Any]) -> str:
+    meta = row.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("prompt_id"), str):
+        raise DataError(f"{path}:{lineno}: field 'meta.prompt_id': expected a string")
+    return meta["prompt_id"]
 
 
 class TraceStore:
@@ -123,22 +134,19 @@ class TraceStore:
         self.shard_rows = shard_rows
         out.mkdir(parents=True, exist_ok=True)
         self.done_path = out / "done.jsonl"
-        _clean_torn_tail(self.done_path)
+        atomic.cut_torn_tail(self.done_path)
         self.done: dict[str, dict[str, Any]] = {}
         if self.done_path.exists():
-            for line in self.done_path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.done[row["prompt_id"]] = row
+            for lineno, row in read_jsonl(self.done_path):
+                row = _marker(self.done_path, lineno, row)
+                self.done[row["prompt_id"]] = row
         self.shards = sorted(out.glob("traces-*.jsonl"))
         for shard in self.shards:  # drop rows of prompts that never got their marker
-            _clean_torn_tail(shard)
-            lines = shard.read_text().splitlines(keepends=True)
-            keep = [ln for ln in lines if json.loads(ln)["meta"]["prompt_id"] in self.done]
-            if len(keep) != len(lines):
-                tmp = shard.with_suffix(".tmp")
-                tmp.write_text("".join(keep))
-                tmp.replace(shard)
+            atomic.cut_torn_tail(shard)
+            rows = list(read_jsonl(shard))
+            keep = [row for n, row in rows if _prompt_id(shard, n, row) in self.done]
+            if len(keep) != len(rows):
+                atomic.write_text(shard, "".join(json.dumps(r) + "\n" for r in keep))
         if not self.shards:
             self.shards = [out / "traces-00000.jsonl"]
         self.rows_in_shard = (
@@ -151,13 +159,16 @@ class TraceStore:
             self.shards.append(self.out / f"traces-{len(self.shards):05d}.jsonl")
             self.rows_in_shard = 0
         if rows:
+            data = "".join(json.dumps(r) + "\n" for r in rows)
             with self.shards[-1].open("a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
+                atomic.fault_point("traces.rows", f, data)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             self.rows_in_shard += len(rows)
         marker = {"prompt_id": prompt_id, **marker}
         with self.done_path.open("a") as f:
+            atomic.fault_point("traces.marker", f, json.dumps(marker) + "\n")
             f.write(json.dumps(marker) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -168,5 +179,5 @@ def read_traces(out: str | Path) -> list[dict[str, Any]]:
     """Every kept row of a trace directory, shard by shard."""
     rows = []
     for shard in sorted(Path(out).glob("traces-*.jsonl")):
-        rows += [json.loads(ln) for ln in shard.read_text().splitlines() if ln.strip()]
+        rows += [row for _, row in read_jsonl(shard)]
     return rows

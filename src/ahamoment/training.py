@@ -8,10 +8,16 @@ saved), the base model (built on first use), the tokenizer, and the policy (full
 LoRA adapters, from the checkpoint when resuming). :class:`TrainingRun` then restores the
 optimizer and scheduler, writes checkpoints (rank 0 only; weights and optimizer state are the
 same on every rank) and saves the final model as plain HF weights.
+
+Resuming takes the newest checkpoint that matches its checksum manifest (a corrupt one is set
+aside with a one-line warning, ``checkpoint.latest_valid``); ``final/`` is written under a
+temporary name and renamed when complete, so it is never half there.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from ahamoment import checkpoint, lora
+from ahamoment import atomic, checkpoint, lora
 from ahamoment.args import LoraArgs, ModelArgs, TrainArgs
 from ahamoment.base_models import ensure_base_model
 from ahamoment.distributed import Ranks, make_accelerator, share_threads
@@ -58,8 +64,17 @@ class TrainingRun:
         self.console.print(f"[bold]Resuming[/] {self.run} from step {state['step']}")
         return state
 
-    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, **state: Any) -> Path:
-        """Checkpoint ``step`` (rank 0 writes; the returned path is where it went)."""
+    def save(
+        self,
+        step: int,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        files: dict[str, Callable[[Path], None]] | None = None,
+        **state: Any,
+    ) -> Path:
+        """Checkpoint ``step`` (rank 0 writes; the returned path is where it went). ``files``:
+        more parts of the checkpoint, written by ``fn(path)`` before it is sealed."""
         path = self.checkpoints / f"step-{step}"
         if self.ranks.main:
             path = checkpoint.save(
@@ -71,6 +86,7 @@ class TrainingRun:
                 scheduler,
                 {"run": str(self.run), **state},
                 self.keep,
+                files,
             )
         return path
 
@@ -81,7 +97,16 @@ class TrainingRun:
         full_state = None if lora.is_lora(policy) else self.accelerator.get_state_dict(model)
         out = self.run / "final"
         if self.ranks.main:
-            lora.save_merged(policy, self.tokenizer, out, full_state)
+            tmp = self.run / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                lora.save_merged(policy, self.tokenizer, tmp, full_state)
+                atomic.fault_point("final.written")
+                atomic.publish_dir(tmp, out)
+            except Exception as e:  # disk full, read-only, ...
+                why = atomic.why_not_written(e, self.run.path)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise atomic.WriteError(f"cannot write {out}: {why}") from e
         return out
 
 
@@ -97,7 +122,15 @@ def start(cfg: _Config, stage: str, console: Console | None = None) -> TrainingR
     console = (console or Console()) if ranks.main else Console(quiet=True)
     share_threads(cfg.threads)
     run = RunDir.resolve(cfg.out, stage, cfg.resume, ranks)
-    resume_from = checkpoint.latest(run / "checkpoints") if cfg.resume else None
+    resume_from = None
+    if cfg.resume and ranks.main:  # rank 0 checks the checksums (and sets corrupt ones aside)
+        resume_from = checkpoint.latest_valid(
+            run / "checkpoints",
+            lambda line: console.print(line, style="yellow", markup=False, soft_wrap=True),
+        )
+    if ranks.world > 1:
+        found = ranks.broadcast(str(resume_from) if resume_from else "")
+        resume_from = Path(found) if found else None
     if cfg.resume and resume_from is None:
         console.print(f"[yellow]--resume: no checkpoint in {run / 'checkpoints'}; from step 0.")
     run.claim(cfg.resume, resume_from, ranks)

@@ -33,7 +33,7 @@ from ahamoment.metrics import (
     step_accuracy,
 )
 from ahamoment.prompts import encode_prompts
-from ahamoment.rewards import RewardBatch, format_reward, score
+from ahamoment.rewards import RewardBatch, format_reward, score, task_stats
 from ahamoment.rl.advantages import count_constant_groups
 from ahamoment.rl.shaping import GROUP_FILTERS
 from ahamoment.rollout import Completion, Engine, SamplingParams
@@ -203,7 +203,8 @@ def sample_groups(
 
 
 def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = False) -> dict:
-    """Rollout figures of a scored batch (rewards before any overlong or KL shaping)."""
+    """Rollout figures of a scored batch (rewards before any overlong or KL shaping), plus
+    the task's own figures as ``task/<key>`` where it has ``batch_stats`` (tasks/base.py)."""
     B = len(batch)
     rb, texts = batch.rewards, batch.texts
     lens = length_stats(batch.lengths)
@@ -227,4 +228,5 @@ def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = Fal
         "self_correction_rate": sum(map(is_self_correction, texts)) / B,
         "step_accuracy": step_accuracy(texts, reversed_digits),
         "mixing_rate": mixing_rate(texts),
+        **task_stats(batch.problems, texts),  # task/<key>: a task's own figures, if it has any
     }

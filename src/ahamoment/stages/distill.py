@@ -6,7 +6,10 @@ held-out problem, or from a JSONL file); send them in chunks to the teacher (a l
 directory or an OpenAI-compatible chat endpoint, see `teachers.py`) for n samples each; keep
 the samples that pass every filter in `traces.py` (rejection sampling on the task's verifier);
 write each prompt's rows, then its done-marker; update the bar (accepted / rejected / failed)
-and `stats.json`. A rerun resumes: done prompts are skipped, torn writes repaired.
+and `stats.json`. A rerun resumes: done prompts are skipped, torn writes repaired. Chunks are
+fixed slices of the prompt list, each seeded by its start, and a local teacher samples a chunk
+that a kill cut short whole again (keeping only the prompts not done), so a resumed run writes
+what an uninterrupted one does; a remote teacher is asked only for the prompts not done.
 
 `distill` runs the comparison on the embedded default: a student base model (a smaller
 `aha pretrain`, its build not timed) is trained (A) by `aha sft` on the teacher's verified
@@ -30,6 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ahamoment import atomic
 from ahamoment import config as cfglib
 from ahamoment.base_models import ensure_base_model
 from ahamoment.data import DataError, sample_excluding
@@ -37,6 +41,7 @@ from ahamoment.evaluation import heldout_figures
 from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.progress import progress_bar
 from ahamoment.prompts import r1_zero_prompt
+from ahamoment.rollout.base import SamplingParams
 from ahamoment.runs import RunDir, interruptible
 from ahamoment.splits import excluded
 from ahamoment.tasks import TASKS, get_task
@@ -105,6 +110,11 @@ class DistillGenerateConfig:
             raise ValueError("--base-url needs --api-model (the model name at the endpoint)")
         if self.samples < 1 or self.n_prompts < 1 or self.chunk < 1:
             raise ValueError("samples, n_prompts and chunk must be positive")
+        if min(self.max_new_tokens, self.shard_rows, self.concurrency) < 1 or self.timeout <= 0:
+            raise ValueError("max_new_tokens, shard_rows, concurrency and timeout must be positive")
+        if self.max_retries < 0 or self.backoff < 0:
+            raise ValueError("max_retries and backoff must be >= 0")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)  # validates them
         TASKS.get(self.task)
 
     def filters(self) -> TraceFilters:
@@ -119,6 +129,8 @@ def load_prompts(cfg: DistillGenerateConfig) -> list[Problem]:
         if not Path(cfg.prompts).exists():
             raise FileNotFoundError(f"--prompts: {cfg.prompts} does not exist")
         problems = [p for p in task.load_jsonl(cfg.prompts) if task.canonical(p) not in exclude]
+        if not problems:
+            raise DataError(f"{cfg.prompts}: no problems (--prompts; held-out ones are left out)")
     else:
         rng = random.Random(cfg.seed)
         seen: set[str] = set()
@@ -159,11 +171,12 @@ def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None)
     console = console or Console()
     set_threads(cfg.threads)
     out = RunDir(cfg.out)
+    problems = load_prompts(cfg)  # bad prompts stop the run before anything is written
     store = TraceStore(out.path, cfg.shard_rows)
     out.save_config(cfg)
-    problems = load_prompts(cfg)
     todo = [p for p in problems if p.id not in store.done]
     teacher = make_teacher(cfg)
+    local = isinstance(teacher, LocalTeacher)
     filters = cfg.filters()
     t0 = time.time()
     failed: dict[str, str] = {}
@@ -178,12 +191,16 @@ def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None)
     with progress_bar(console) as bar, interruptible(on_interrupt):
         done = len(problems) - len(todo)
         bar_id = bar.add_task("distill", total=len(problems), completed=done, info=info())
-        for start in range(0, len(todo), cfg.chunk):
-            part = todo[start : start + cfg.chunk]
-            # seeded per chunk start in the full list: a resumed chunk draws differently, which
-            # is fine (samples are i.i.d.), and a fresh run is reproducible
-            results = teacher.sample([p.question for p in part], cfg.samples, cfg.seed + start)
-            for p, res in zip(part, results):
+        for start in range(0, len(problems), cfg.chunk):
+            part = [p for p in problems[start : start + cfg.chunk] if p.id not in store.done]
+            if not part:
+                continue
+            # seeded by the chunk's start in the full list; see the module docstring
+            asked = problems[start : start + cfg.chunk] if local else part
+            results = teacher.sample([p.question for p in asked], cfg.samples, cfg.seed + start)
+            for p, res in zip(asked, results):
+                if p.id in store.done:
+                    continue  # written before a kill, from these same draws
                 if res.error is not None:
                     failed[p.id] = f"{res.error} (after {res.attempts} attempts)"
                     continue
@@ -201,7 +218,7 @@ def distill_generate(cfg: DistillGenerateConfig, console: Console | None = None)
         samples_per_prompt=cfg.samples,
         session_s=round(time.time() - t0, 2),
     )
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    atomic.write_json(out / "stats.json", stats)
     console.print(
         f"{stats['prompts_done']}/{len(problems)} prompts done: {stats['accepted']} samples "
         f"accepted, {stats['rejected']} rejected {stats['rejected_by']}, "
@@ -325,7 +342,7 @@ def _cached(path: Path, fn) -> dict[str, Any]:
         return json.loads(path.read_text())
     result = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    atomic.write_json(path, result)
     return result
 
 
@@ -441,7 +458,7 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> dict[str, Any
     summary = {arm: summarize_arm(rows) for arm, rows in arms.items()}
     summary["config"] = cfglib.to_dict(cfg)
     summary["student"] = str(student)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_json(run / "summary.json", summary)
     print_table(summary, console)
     return summary
 

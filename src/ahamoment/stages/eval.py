@@ -66,7 +66,7 @@ class EvalConfig:
     task: str = ""
     """Built-in task whose held-out problems are evaluated (default countdown); with --data, the task whose loader reads the file (default: from the rows)."""
     data: str = ""
-    """JSONL problems: rows with nums/target are Countdown (graded by its verifier), rows with problem/answer go to the math grader."""
+    """JSONL problems: rows with nums/target are Countdown (graded by its verifier), rows with problem/answer go to the math grader, MBPP rows (text, code, test_list) and HumanEval rows (prompt, test, entry_point) run in the code sandbox."""
     n: int = 200
     """Problems: the first N held-out problems, or the first N rows of --data (0: all)."""
     k: int = 4
@@ -143,15 +143,19 @@ class EvalConfig:
 
 # --- problems -------------------------------------------------------------------------------
 def _row_kind(path: str) -> str:
-    """'countdown' for rows with nums and target, 'math' for problem and answer."""
+    """'countdown' for rows with nums and target, 'math' for problem and answer, 'code' for
+    MBPP (test_list) and HumanEval (prompt, test, entry_point) rows."""
     for lineno, row in read_jsonl(path):
         if "nums" in row and "target" in row:
             return "countdown"
         if "problem" in row and "answer" in row:
             return "math"
+        if "test_list" in row or {"prompt", "test", "entry_point"} <= set(row):
+            return "code"
         raise ValueError(
             f"{path}:{lineno}: cannot tell the task from the fields {sorted(row)}; rows need "
-            "nums and target (Countdown) or problem and answer (math), or pass --task"
+            "nums and target (Countdown), problem and answer (math), or test_list (MBPP) or "
+            "prompt, test and entry_point (HumanEval) (code), or pass --task"
         )
     raise ValueError(f"{path}: no rows")
 
@@ -174,10 +178,13 @@ def load_problems(cfg: EvalConfig) -> tuple[list[Problem], str]:
         return heldout(name, cfg.n), f"{name} held-out"
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"--data {cfg.data}: no such file")
+    kind = "" if cfg.task else _row_kind(cfg.data)
     if cfg.task:
         problems = get_task(cfg.task).load_jsonl(cfg.data)
-    elif _row_kind(cfg.data) == "countdown":  # graded by the verifier, never by `answer`
+    elif kind == "countdown":  # graded by the verifier, never by `answer`
         problems = get_task(COUNTDOWN_FILE_TASK).load_jsonl(cfg.data)
+    elif kind == "code":  # run in the sandbox against the file's asserts
+        problems = get_task("code").load_jsonl(cfg.data)
     else:
         problems = _math_module().load_problem_jsonl(cfg.data)
     ids = [p.id for p in problems]
@@ -231,6 +238,8 @@ def _chunk_generator(seed: int, start: int) -> torch.Generator:
 
 def _ensure_model(cfg: EvalConfig, console: Console) -> Path:
     task = cfg.task if cfg.task and not cfg.data else DEFAULT_TASK
+    if cfg.data and (cfg.task or _row_kind(cfg.data)) == "code":
+        task = "code"  # a code file: the embedded code base
     return ensure_base_model(cfg.model, task, cfg.pretrain_recipe, cfg.threads, console)
 
 
@@ -309,15 +318,18 @@ def evaluate_model(cfg: EvalConfig, console: Console | None = None) -> dict[str,
                 todo = [p for p in chunk if (budget, p.id) not in done]
                 if not todo:
                     continue
-                # 2. k samples and one greedy decode per problem, in one batch
-                requests = [runner.request(p, sampled, cfg.k) for p in todo]
+                # 2. k samples and one greedy decode per problem, in one batch: the whole chunk,
+                # so the draws are the same when a kill left part of it written
+                requests = [runner.request(p, sampled, cfg.k) for p in chunk]
                 if cfg.greedy:
-                    requests += [runner.request(p, greedy, 1) for p in todo]
+                    requests += [runner.request(p, greedy, 1) for p in chunk]
                 got = runner.run(requests, _chunk_generator(cfg.seed, start))
                 # 3. judge, then append the chunk's records in one flushed write
                 recs = []
-                for i, p in enumerate(todo):
-                    g = got[len(todo) + i][0] if cfg.greedy else None
+                for i, p in enumerate(chunk):
+                    if p not in todo:
+                        continue  # written before the kill, from these same draws
+                    g = got[len(chunk) + i][0] if cfg.greedy else None
                     rec = {"budget": budget, "min_think": cfg.min_think}
                     rec |= score_problem(p, got[i], g, reverse)
                     done[(budget, p.id)] = rec

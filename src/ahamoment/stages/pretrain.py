@@ -12,6 +12,7 @@ them and says whether the rebuild matches the shipped weights bit for bit.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import shutil
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ahamoment import atomic
 from ahamoment.base_models import compare_with_shipped, write_manifest
 from ahamoment.data import sample_excluding
 from ahamoment.language import bilingual_tokens
@@ -198,7 +200,9 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     """Build (or reuse) the base model; returns its directory.
 
     Work in progress lives in ``<out>.tmp`` with a resume checkpoint every ``save_every``
-    steps, so an interrupted build continues where it stopped when run again.
+    steps, so an interrupted build continues where it stopped when run again. The resume file
+    is replaced atomically (its tokenizer is on disk before the first one), one that cannot be
+    read starts the build over with a warning, and ``<out>`` appears only once complete.
     """
     out = cfg.output_dir()
     if (out / "config.json").exists() and not cfg.force:
@@ -212,7 +216,8 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
 
     # corpus and tokenizer (the corpus is seeded; the tokenizer is saved with the first checkpoint)
     docs, corpus_stats = make_corpus(cfg)
-    if resume_file.exists():
+    state = _read_resume(resume_file, console)
+    if state is not None:
         tokenizer = load_tokenizer(tmp)
     else:
         # BPE sees the whole template thousands of times, so its merges cover it.
@@ -242,8 +247,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    if resume_file.exists():
-        state = torch.load(resume_file, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -253,8 +257,9 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def save_progress(step: int) -> None:
-        if not tmp.exists():
+        if not resume_file.exists():  # the first resume point: its tokenizer goes first
             tokenizer.save_pretrained(str(tmp))
+            atomic.fsync_tree(tmp)
         blob = {
             "model": accelerator.unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -262,8 +267,9 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
             "generator": gen.get_state(),
             "step": step,
         }
-        torch.save(blob, tmp / "resume.pt.part")
-        (tmp / "resume.pt.part").replace(resume_file)  # atomic: never a half-written file
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic.write_checked(resume_file, buf.getvalue())  # whole, and checked when read
 
     model.train()
     loss_val = float("nan")
@@ -309,14 +315,35 @@ def pretrain(cfg: PretrainConfig, console=None) -> Path:
     (tmp / "ahamoment_pretrain.json").write_text(json.dumps(meta, indent=1))
     resume_file.unlink(missing_ok=True)
     write_manifest(tmp, cfg)  # how to rebuild it, and the sha256 of every file
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    atomic.publish_dir(tmp, out)  # fsynced, then renamed: <out> is never half there
     same = compare_with_shipped(out, cfg.cache_key())
     if same and console is not None:
         console.print(f"Built {same}.")
     return out
+
+
+def _read_resume(path: Path, console) -> dict | None:
+    """The resume point at ``path``; None when there is none, or (with a warning) when it
+    cannot be read: the build then starts over."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(io.BytesIO(atomic.read_checked(path)), weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step in it")
+        return state
+    except Exception as e:  # noqa: BLE001 - any unreadable resume point means starting over
+        if console is not None:
+            console.print(
+                f"warning: resume point {path} is unreadable ({atomic.describe(e)}); building "
+                "from the start",
+                style="yellow",
+                markup=False,
+                soft_wrap=True,
+            )
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ahamoment import atomic
 from ahamoment import config as cfglib
 from ahamoment.base_models import embedded_base
 from ahamoment.data import sample_excluding
@@ -138,9 +139,7 @@ def cold_start_data(cfg: R1Config, tokenizer: Any, path: Path) -> dict[str, Any]
         if too_long or not judge(problem, completion)[1].correct:
             continue
         rows.append({"prompt": r1_zero_prompt(problem.question), "completion": completion})
-    tmp = path.with_suffix(".part")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return {"traces": len(rows), "drawn": drawn}
 
 
@@ -156,10 +155,30 @@ def run_stage(run: Path, name: str, fn: Callable[[Path], dict[str, Any]], consol
     t0 = time.time()
     record = fn(d)
     record["stage_s"] = round(time.time() - t0, 1)
-    tmp = d / "done.json.part"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(done)
+    atomic.write_json(done, record)
     return record
+
+
+def rl_config(cfg: R1Config, zero_config: type, model: Path, steps: int, reward: str, d: Path):
+    """The `aha zero` config of an RL stage in ``d``: ``--rl-recipe`` with what the stage sets."""
+    return cfglib.build(
+        zero_config,
+        cfg.rl_recipe or None,
+        model=str(model),
+        task=cfg.task,
+        steps=steps,
+        reward=reward,
+        max_new_tokens=cfg.max_new_tokens,
+        eval_every=0,
+        eval_n=min(50, cfg.rl_check_n),
+        heldout_n=cfg.rl_check_n,
+        eval_k=2,
+        real_eval=False,
+        out=str(d / "train"),
+        resume=(d / "train").exists(),
+        seed=cfg.seed,
+        threads=cfg.threads,
+    )
 
 
 def compare(model_dir: Path, cfg: R1Config) -> dict[str, Any]:
@@ -184,7 +203,9 @@ def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     set_threads(cfg.threads)
     t_start = time.time()
+    # a bad RL recipe stops the run before anything is written
     run = Path(cfg.out)
+    rl_config(cfg, ZeroConfig, Path(cfg.model), cfg.zero_steps, cfg.rl_reward(), run / "zero")
     run.mkdir(parents=True, exist_ok=True)
     cfglib.save_yaml(cfg, run / "config.yaml")
     base = Path(cfg.model) if cfg.model else None
@@ -194,25 +215,7 @@ def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:
     console.print(f"[bold]Base model:[/] {base}")
 
     def rl(d: Path, model: Path, steps: int, reward: str) -> dict[str, Any]:
-        zcfg = cfglib.build(
-            ZeroConfig,
-            cfg.rl_recipe or None,
-            model=str(model),
-            task=cfg.task,
-            steps=steps,
-            reward=reward,
-            max_new_tokens=cfg.max_new_tokens,
-            eval_every=0,
-            eval_n=min(50, cfg.rl_check_n),
-            heldout_n=cfg.rl_check_n,
-            eval_k=2,
-            real_eval=False,
-            out=str(d / "train"),
-            resume=(d / "train").exists(),
-            seed=cfg.seed,
-            threads=cfg.threads,
-        )
-        s = zero(zcfg, console)
+        s = zero(rl_config(cfg, ZeroConfig, model, steps, reward, d), console)
         return {"model": str(d / "train" / "final"), "steps": steps, "check": s["trained"]}
 
     def sft_on(d: Path, data: str, model: Path, epochs: float) -> dict[str, Any]:
@@ -303,7 +306,7 @@ def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:
         "base_model": str(base),
         "wall_s": round(time.time() - t_start, 1),
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_json(run / "summary.json", summary)
     print_comparison(summary, console)
     return summary
 

@@ -58,6 +58,8 @@ class ServeConfig:
     """Completions decoded together in one batch (about: a request's n rows stay together)."""
     batch_wait_ms: float = 5.0
     """How long the decoding thread waits for more requests before starting a batch."""
+    max_request_bytes: int = 8 << 20
+    """Largest request body in bytes; a larger one gets a 413 and is read no further."""
     seed: int = 0
     """Seed of the sampling draws."""
     threads: int = 0
@@ -74,6 +76,8 @@ class ServeConfig:
             raise ValueError("max_n must be <= max_batch_rows (a request's rows share a batch)")
         if self.batch_wait_ms < 0:
             raise ValueError("batch_wait_ms must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
 
     def key(self) -> str:
         return self.api_key or os.environ.get(API_KEY_ENV, "")
@@ -96,6 +100,7 @@ def build_service(cfg: ServeConfig, console: Console | None = None) -> Service:
         max_batch_rows=cfg.max_batch_rows,
         batch_wait_ms=cfg.batch_wait_ms,
         seed=cfg.seed,
+        max_request_bytes=cfg.max_request_bytes,
     )
 
 

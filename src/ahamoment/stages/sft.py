@@ -22,7 +22,6 @@ one-process gradient. Rank 0 logs, checkpoints, saves and evaluates.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ahamoment import training
+from ahamoment import atomic, training
 from ahamoment.args import HeldoutArgs, LoraArgs, ModelArgs, TrainArgs, check_groups
 from ahamoment.base_models import reversed_digits
 from ahamoment.data import DataError, read_jsonl
@@ -94,9 +93,10 @@ class SFTConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
 
 
 # --- data ------------------------------------------------------------------------------------
-def load_pairs(paths: list[Path], tokenizer: Any) -> list[tuple[str, str]]:
-    """(prompt, completion) text pairs; a bad row raises ``DataError`` naming file and line."""
-    pairs = []
+def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every row of ``paths``, checked; a bad row raises ``DataError`` naming the file, the line
+    and the field. Needs no tokenizer, so `aha sft` checks its data before it writes anything."""
+    rows = []
     for path in paths:
         for lineno, row in read_jsonl(path):
             where = f"{path}:{lineno}"
@@ -105,26 +105,49 @@ def load_pairs(paths: list[Path], tokenizer: Any) -> list[tuple[str, str]]:
                 if (
                     not isinstance(msgs, list)
                     or len(msgs) < 2
-                    or not all(isinstance(m, dict) and "content" in m for m in msgs)
+                    or not all(
+                        isinstance(m, dict)
+                        and isinstance(m.get("content"), str)
+                        and isinstance(m.get("role"), str)
+                        for m in msgs
+                    )
                     or msgs[-1].get("role") != "assistant"
                 ):
                     raise DataError(
                         f"{where}: 'messages' must be a list of {{role, content}} turns ending "
-                        "with an assistant turn"
+                        "with an assistant turn (string roles and contents)"
                     )
-                prompt = tokenizer.apply_chat_template(
-                    msgs[:-1], tokenize=False, add_generation_prompt=True
-                )
-                pairs.append((prompt, str(msgs[-1]["content"])))
-            elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-                pairs.append((row["prompt"], row["completion"]))
-            else:
+            elif not (
+                isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+            ):
                 raise DataError(
                     f"{where}: expected string fields 'prompt' and 'completion', or 'messages'"
                 )
-    if not pairs:
+            rows.append(row)
+    if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    return rows
+
+
+def to_pairs(rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) text pairs of checked rows: chat turns before the last one are
+    rendered with the tokenizer's chat template."""
+    pairs = []
+    for row in rows:
+        if "messages" in row:
+            msgs = row["messages"]
+            prompt = tokenizer.apply_chat_template(
+                msgs[:-1], tokenize=False, add_generation_prompt=True
+            )
+            pairs.append((prompt, msgs[-1]["content"]))
+        else:
+            pairs.append((row["prompt"], row["completion"]))
     return pairs
+
+
+def load_pairs(paths: list[Path], tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) text pairs; a bad row raises ``DataError`` naming file and line."""
+    return to_pairs(read_rows(paths), tokenizer)
 
 
 def encode_pair(
@@ -303,12 +326,11 @@ def total_steps(n: int, cfg: SFTConfig) -> int:
 # --- the stage -------------------------------------------------------------------------------
 def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     t_start = time.time()
+    rows = read_rows(cfg.paths())  # bad data stops the run before anything is written
     tr = training.start(cfg, "sft", console)
     run, ranks, console, tokenizer = tr.run, tr.ranks, tr.console, tr.tokenizer
     accelerator, model = tr.accelerator, tr.model
-    examples = [
-        encode_pair(tokenizer, p, c, cfg.max_len) for p, c in load_pairs(cfg.paths(), tokenizer)
-    ]
+    examples = [encode_pair(tokenizer, p, c, cfg.max_len) for p, c in to_pairs(rows, tokenizer)]
     steps = total_steps(len(examples), cfg)
     console.print(
         f"[bold]Run:[/] {run}   model {tr.base_path} ({n_params(model):,} parameters)   "
@@ -396,7 +418,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         }
         summary.update(evaluate_final(final, tokenizer, cfg, reversed_digits(tr.base_path)))
         summary["wall_s"] = round(time.time() - t_start, 1)
-        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_json(run / "summary.json", summary)
         h = summary.get("heldout")
         if h:
             console.print(

@@ -14,6 +14,6 @@ def get_task(name: str) -> Task:
 
 
 # Imported last so that the modules can register into TASKS above.
-from ahamoment.tasks import arithmetic, countdown, math  # noqa: E402, F401
+from ahamoment.tasks import arithmetic, code, countdown, math  # noqa: E402, F401
 
 __all__ = ["TASKS", "Problem", "Task", "TraceNoise", "Verdict", "get_task"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 
-from ahamoment.data import DataError, read_jsonl
+from ahamoment.data import DataError, read_jsonl, row_id, show
 from ahamoment.tasks import TASKS
 from ahamoment.tasks.base import Problem, Task, Template, TraceNoise, Verdict
 
@@ -79,10 +79,10 @@ class Arithmetic(Task):
             if type(answer) is int:
                 answer = str(answer)
             if not isinstance(answer, str) or not _INT.fullmatch(answer.strip()):
-                raise DataError(f"{path}:{lineno}: 'answer' must be an integer, got {answer!r}")
+                raise DataError(f"{path}:{lineno}: 'answer' must be an integer, got {show(answer)}")
             out.append(
                 Problem(
-                    id=str(row.get("id", f"{path}:{lineno}")),
+                    id=row_id(row, path, lineno),
                     task=self.name,
                     question=question,
                     answer=answer.strip(),

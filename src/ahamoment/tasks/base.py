@@ -33,6 +33,9 @@ class Verdict:
     parsed: bool
     """False when the answer could not be parsed at all (counted as a parse failure)."""
     reason: str = ""
+    score: float | None = None
+    """Partial credit in [0, 1] where the task has it (code: the share of tests passed); None:
+    ``correct`` is all there is."""
 
 
 @dataclass
@@ -79,7 +82,17 @@ Template = tuple[str, Callable[[Problem], str]]
 
 
 class Task:
-    """Base class: subclasses implement the methods below and register an instance."""
+    """Base class: subclasses implement the methods below and register an instance.
+
+    Two optional methods, looked up with ``getattr`` (a task without them is not affected):
+
+    - ``verify_many(problems, answers) -> list[Verdict]``: verify a batch at once (the code
+      task runs its programs in parallel sandboxes). ``rewards.score`` calls it once per
+      batch, before the rewards, for the answers not yet judged.
+    - ``batch_stats(problems, verdicts) -> dict[str, float]``: the task's own figures of a
+      scored batch (the code task: counts by sandbox status), logged every GRPO step as
+      ``task/<key>`` (``rewards.task_stats``, ``rl.rollouts.rollout_metrics``).
+    """
 
     name: str = ""
     prompt_suffix: str = ""

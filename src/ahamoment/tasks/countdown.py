@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import comb, gcd
 
-from ahamoment.data import DataError, read_jsonl
+from ahamoment.data import DataError, read_jsonl, row_id, show
 from ahamoment.language import to_foreign
 from ahamoment.tasks import TASKS
 from ahamoment.tasks.base import Problem, Task, Template, TraceNoise, Verdict
@@ -147,11 +147,11 @@ class Countdown(Task):
             ):
                 raise DataError(
                     f"{path}:{lineno}: 'nums' must be a list of at least 2 integers in "
-                    f"[0, {MAX_LITERAL}], got {nums!r}"
+                    f"[0, {MAX_LITERAL}], got {show(nums)}"
                 )
             if type(target) is not int:
-                raise DataError(f"{path}:{lineno}: 'target' must be an integer, got {target!r}")
-            out.append(self.make(nums, target, id=str(row.get("id", f"{path}:{lineno}"))))
+                raise DataError(f"{path}:{lineno}: 'target' must be an integer, got {show(target)}")
+            out.append(self.make(nums, target, id=row_id(row, path, lineno)))
         return out
 
     # --- grading ----------------------------------------------------------------------------

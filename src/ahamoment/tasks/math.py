@@ -23,7 +23,7 @@ import re
 from numbers import Real
 
 from ahamoment import grading
-from ahamoment.data import DataError, read_jsonl
+from ahamoment.data import DataError, read_jsonl, row_id, show
 from ahamoment.tasks import TASKS
 from ahamoment.tasks.base import Problem, Task, TraceNoise, Verdict
 
@@ -63,11 +63,11 @@ def load_problem_jsonl(path: str, task: str = "math") -> list[Problem]:
         if gold is None:
             raise DataError(
                 f"{path}:{lineno}: 'answer' must be a non-empty string or a number, "
-                f"got {row.get('answer')!r}"
+                f"got {show(row.get('answer'))}"
             )
         out.append(
             Problem(
-                id=str(row.get("id", f"{path}:{lineno}")),
+                id=row_id(row, path, lineno),
                 task=task,
                 question=question,
                 answer=gold,
