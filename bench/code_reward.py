@@ -53,16 +53,22 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[int] = []  # sandbox runs per call
     real_score, real_run = rollouts.score, harness.run_tests
     lock = threading.Lock()
+    in_step = threading.Event()  # set inside a step's reward call; evaluations are not counted
 
     def counted_run(*a, **kw):
-        with lock:  # run_many's worker threads
-            runs[-1] += 1
+        if in_step.is_set():
+            with lock:  # run_many's worker threads
+                runs[-1] += 1
         return real_run(*a, **kw)
 
     def timed_score(problems, completions, weights):
         runs.append(0)
+        in_step.set()
         t0 = time.perf_counter()
-        out = real_score(problems, completions, weights)
+        try:
+            out = real_score(problems, completions, weights)
+        finally:
+            in_step.clear()
         timed.append((time.perf_counter() - t0, len(completions)))
         return out
 

@@ -19,8 +19,10 @@ from ahamoment import config as cfglib
 from ahamoment.stages.distill import DistillConfig
 from ahamoment.stages.pretrain import PretrainConfig
 from ahamoment.stages.r1 import R1Config
+from ahamoment.stages.zero import ZeroConfig
 
 SHIPPED = base_models.shipped_keys()
+ZERO_CODE = "recipes/zero-code.yaml"
 
 
 def _manifest(key: str) -> dict:
@@ -37,11 +39,14 @@ def _config_of(command: str) -> PretrainConfig:
 
 
 def test_the_bases_the_readme_starts_from_are_shipped():
-    # aha zero (and sft, eval, serve) with no --model, aha distill's student, aha r1's base
+    # aha zero (and sft, eval, serve) with no --model, aha distill's student, aha r1's base,
+    # the code task's base
     defaults = {
         "zero": cfglib.build(PretrainConfig, task="countdown"),
         "distill student": cfglib.build(PretrainConfig, DistillConfig().student_recipe),
         "r1": PretrainConfig(task="countdown", p_foreign=R1Config().p_foreign),
+        # aha zero --recipe recipes/zero-code.yaml
+        "code": cfglib.build(PretrainConfig, cfglib.build(ZeroConfig, ZERO_CODE).pretrain_recipe),
     }
     missing = {k: c.cache_key() for k, c in defaults.items() if c.cache_key() not in SHIPPED}
     assert missing == {}, "rebuild with `aha pretrain ... --out src/ahamoment/shipped/KEY`"
