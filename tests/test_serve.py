@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from ahamoment.prompts import stop_ids
 from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.rollout.base import Request
 from ahamoment.server import Service, StopFilter, ThinkSplitter, make_app, split_reasoning
-from tests_support import default_sigint, serve_on_loopback
+from tests_support import default_sigint, free_port, serve_on_loopback
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -408,10 +407,7 @@ def test_hidden_reasoning_never_leaves_the_server(tagged_model, tiny_tokenizer, 
 def test_aha_serve_cli_serves_and_stops_on_ctrl_c(tiny_model, tiny_tokenizer, tmp_path):
     model_dir = tmp_path / "tiny-model"
     save_model(tiny_model, tiny_tokenizer, model_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = os.environ | {"AHA_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "ahamoment.cli", "serve", "--model", str(model_dir)]
     cmd += ["--port", str(port), "--threads", "1", "--reasoning", "hidden"]

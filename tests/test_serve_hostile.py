@@ -25,7 +25,7 @@ import pytest
 
 from ahamoment.models import save_model
 from test_serve import KEY, USER, client, make_service, post, serving, tagged_model  # noqa: F401
-from tests_support import default_sigint
+from tests_support import default_sigint, free_port
 
 openai = pytest.importorskip("openai")
 
@@ -220,10 +220,7 @@ def test_aha_serve_survives_hostile_clients_with_bounded_memory(
 ):
     model_dir = tmp_path / "tiny"
     save_model(tiny_model, tiny_tokenizer, model_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     cmd = [sys.executable, "-m", "ahamoment.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--threads", "1", "--max-inflight", "32", "--max-tokens", "16"]  # fmt: skip
     env = os.environ | {"AHA_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}

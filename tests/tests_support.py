@@ -39,6 +39,13 @@ def gqa_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(**_GQA_SHAPE, tie_word_embeddings=False)).eval()
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port free now, for a server started in a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def serve_on_loopback(app, log_level: str = "warning") -> Iterator[str]:
     """Run an ASGI app with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""

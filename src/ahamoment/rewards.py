@@ -43,8 +43,13 @@ def judge(problem: Problem, completion: str) -> tuple[str | None, Verdict]:
     return _judge(problem.task, problem.id, problem.question, problem.answer, problem, completion)
 
 
+def _key(problem: Problem, completion: str) -> tuple:
+    """The memo key of a verdict (what the verdict depends on)."""
+    return (problem.task, problem.id, problem.question, problem.answer, completion)
+
+
 def _judge(task_name, pid, question, gold, problem, completion):
-    key = (task_name, pid, question, gold, completion)
+    key = (task_name, pid, question, gold, completion)  # = _key(problem, completion)
     hit = _VERDICTS.get(key)
     if hit is not None:
         return hit
@@ -73,21 +78,25 @@ def judge_batch(problems: Sequence[Problem], completions: Sequence[str]) -> None
     """Judge a batch ahead of ``judge`` where a task verifies batches (``verify_many``: the code
     task runs a step's programs in parallel sandboxes); the verdicts go to judge's memo. Tasks
     without ``verify_many`` are left alone: their answers are judged one by one, as before."""
+    batched = {n for n in dict.fromkeys(p.task for p in problems) if _verify_many(n)}
+    if not batched:
+        return  # the common case (countdown, math, ...): nothing to do, no key built
     todo: dict[str, list[tuple[tuple, Problem, str]]] = {}
     for p, c in zip(problems, completions):
-        key = (p.task, p.id, p.question, p.answer, c)
-        if key not in _VERDICTS:
+        if p.task in batched and (key := _key(p, c)) not in _VERDICTS:
             todo.setdefault(p.task, []).append((key, p, c))
     for name, rows in todo.items():
         task = get_task(name)
-        many = getattr(task, "verify_many", None)
-        if many is None:
-            continue
+        many = task.verify_many
         answers = {key: _extract(task, c) for key, _, c in rows}
         asked = list({key: p for key, p, _ in rows if answers[key] is not None}.items())
         verdicts = many([p for _, p in asked], [answers[key] for key, _ in asked])
         for (key, _), verdict in zip(asked, verdicts):
             _remember(key, (answers[key], verdict))
+
+
+def _verify_many(task_name: str):
+    return getattr(get_task(task_name), "verify_many", None)
 
 
 def task_stats(problems: Sequence[Problem], completions: Sequence[str]) -> dict[str, float]:
