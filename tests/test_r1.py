@@ -46,8 +46,13 @@ def test_rerun_skips_finished_stages_and_retries_the_killed_one(tmp_path):
     assert recs[0]["model"] == str(tmp_path / "1-a" / "final") and "stage_s" in recs[2]
 
 
-def test_cold_start_traces_are_readable_correct_and_fit(tmp_path, tiny_tokenizer):
-    cfg = R1Config(cold_start_n=60, max_new_tokens=96, out=str(tmp_path))
+@pytest.mark.parametrize("budget,frac,limit", [(96, 0.75, 72), (128, 0.5, 64)])
+def test_cold_start_traces_are_readable_correct_and_fit(
+    tmp_path, tiny_tokenizer, budget, frac, limit
+):
+    cfg = R1Config(
+        cold_start_n=60, max_new_tokens=budget, cold_start_max_frac=frac, out=str(tmp_path)
+    )
     path = tmp_path / "cold.jsonl"
     facts = cold_start_data(cfg, tiny_tokenizer, path)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
@@ -56,7 +61,7 @@ def test_cold_start_traces_are_readable_correct_and_fit(tmp_path, tiny_tokenizer
     for r in rows:
         c = r["completion"]
         assert not is_mixed(c) and "wait,check:" in c and ",yes" in c
-        assert len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) <= 72
+        assert len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) <= limit
         q = r["prompt"].split("User: ")[1].split(" Assistant:")[0]
         nums = json.loads(q.split("numbers ")[1].split("]")[0] + "]")
         target = int(q.split("equals ")[1].split(".")[0])
@@ -69,6 +74,14 @@ def test_config_checks(tmp_path):
         R1Config(rl_recipe=str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError):
         R1Config(rl_steps=0)
+    with pytest.raises(ValueError):
+        R1Config(cold_start_max_frac=0.0)
+
+
+def test_every_rl_stage_weighs_format_alike_and_only_2_and_4_add_language():
+    cfg = R1Config(format_weight=0.5, language_weight=0.25)
+    assert cfg.zero_reward() == "accuracy=1.0,format=0.5"
+    assert cfg.rl_reward() == "accuracy=1.0,format=0.5,language=0.25"
 
 
 R1_TINY = [

@@ -60,12 +60,16 @@ class R1Config:
     """R1-Zero reference: GRPO steps on the base (correctness + format only)."""
     cold_start_n: int = 1000
     """Stage 1: readable verified chains of thought for the cold-start SFT."""
+    cold_start_max_frac: float = 0.5
+    """Stage 1: keep only cold-start traces at most this share of --max-new-tokens long."""
     cold_start_epochs: float = 3.0
     """Stage 1 (and the cold-start share of stage 3): SFT epochs."""
     sft_lr: float = 1e-3
     """Stages 1 and 3: SFT peak learning rate."""
+    format_weight: float = 1.0
+    """Every RL stage, R1-Zero's too: weight of the format reward (accuracy weighs 1)."""
     language_weight: float = 0.2
-    """Stages 2 and 4: weight of the language-consistency reward (accuracy weighs 1, format 0.1)."""
+    """Stages 2 and 4: weight of the language-consistency reward."""
     rl_steps: int = 100
     """Stage 2: reasoning-RL GRPO steps."""
     rs_prompts: int = 1500
@@ -105,11 +109,18 @@ class R1Config:
                 raise ValueError(f"{name} must be at least 1")
         if min(self.heldout_n, self.eval_k, self.rs_samples, self.rl_check_n) < 1:
             raise ValueError("heldout_n, eval_k, rs_samples and rl_check_n must be positive")
+        if not 0.0 < self.cold_start_max_frac <= 1.0:
+            raise ValueError("cold_start_max_frac must lie in (0, 1]")
         if self.rl_recipe and not Path(self.rl_recipe).exists():
             raise FileNotFoundError(f"--rl-recipe: {self.rl_recipe} does not exist")
 
+    def zero_reward(self) -> str:
+        """R1-Zero's rewards: correctness and format only."""
+        return f"accuracy=1.0,format={self.format_weight}"
+
     def rl_reward(self) -> str:
-        return f"accuracy=1.0,format=0.1,language={self.language_weight}"
+        """Stages 2 and 4: R1-Zero's rewards plus language consistency."""
+        return f"{self.zero_reward()},language={self.language_weight}"
 
 
 # Stage 1's template: the task's own trace generator, with little noise and one language.
@@ -119,7 +130,7 @@ READABLE = TraceNoise(
 
 
 def cold_start_data(cfg: R1Config, tokenizer: Any, path: Path) -> dict[str, Any]:
-    """Write ``cold_start_n`` readable traces (verified correct, within ¾ of max_new_tokens) as
+    """Write ``cold_start_n`` readable traces (verified correct, at most ``cold_start_max_frac`` of max_new_tokens long) as
     prompt/completion JSONL; atomic, so a kill never leaves half a file."""
     task = get_task(cfg.task)
     rng = random.Random(cfg.seed + 101)
@@ -131,10 +142,10 @@ def cold_start_data(cfg: R1Config, tokenizer: Any, path: Path) -> dict[str, Any]
             raise RuntimeError("cold start: the template rarely writes a short correct trace")
         problem = sample_excluding(task, rng, exclude)
         completion = task.trace(problem, rng, READABLE)
-        # a quarter of the budget stays free: the cold-started model searches a little longer
-        # than its examples, and a truncated completion has no answer
+        # room in the budget: the cold-started model searches longer than its examples, RL
+        # lengthens the searches again, and a truncated completion has no answer
         too_long = len(tokenizer(completion, add_special_tokens=False)["input_ids"]) > (
-            0.75 * cfg.max_new_tokens
+            cfg.cold_start_max_frac * cfg.max_new_tokens
         )
         if too_long or not judge(problem, completion)[1].correct:
             continue
@@ -240,7 +251,7 @@ def r1(cfg: R1Config, console: Console | None = None) -> dict[str, Any]:
 
     # R1-Zero, the reference: correctness + format only, straight from the base.
     zero_rec = run_stage(
-        run, "zero", lambda d: rl(d, base, cfg.zero_steps, "accuracy=1.0,format=0.1"), console
+        run, "zero", lambda d: rl(d, base, cfg.zero_steps, cfg.zero_reward()), console
     )
 
     # 1. cold start: SFT on readable chains of thought
