@@ -78,6 +78,12 @@ def test_config_checks(tmp_path):
         R1Config(cold_start_max_frac=0.0)
 
 
+def test_a_budget_too_short_for_any_trace_says_which_flags_to_raise(tmp_path, tiny_tokenizer):
+    cfg = R1Config(cold_start_n=5, max_new_tokens=16, out=str(tmp_path))
+    with pytest.raises(RuntimeError, match="--max-new-tokens or --cold-start-max-frac"):
+        cold_start_data(cfg, tiny_tokenizer, tmp_path / "cold.jsonl")
+
+
 def test_every_rl_stage_weighs_format_alike_and_only_2_and_4_add_language():
     cfg = R1Config(format_weight=0.5, language_weight=0.25)
     assert cfg.zero_reward() == "accuracy=1.0,format=0.5"
@@ -87,6 +93,7 @@ def test_every_rl_stage_weighs_format_alike_and_only_2_and_4_add_language():
 R1_TINY = [
     "--zero-steps", "2", "--rl-steps", "2", "--final-rl-steps", "2",
     "--cold-start-n", "16", "--cold-start-epochs", "1", "--sft-batch-size", "8",
+    "--cold-start-max-frac", "0.75",  # half of a 64-token budget is too short for a trace
     "--rs-prompts", "12", "--rs-samples", "2", "--rs-epochs", "1",
     "--heldout-n", "6", "--eval-k", "2", "--rl-check-n", "3", "--max-new-tokens", "64",
     "--threads", "1",

@@ -139,7 +139,11 @@ def cold_start_data(cfg: R1Config, tokenizer: Any, path: Path) -> dict[str, Any]
     while len(rows) < cfg.cold_start_n:
         drawn += 1
         if drawn > 50 * cfg.cold_start_n:
-            raise RuntimeError("cold start: the template rarely writes a short correct trace")
+            limit = int(cfg.cold_start_max_frac * cfg.max_new_tokens)
+            raise RuntimeError(
+                f"cold start: under 1 in 50 template traces is correct and at most {limit} "
+                "tokens long; raise --max-new-tokens or --cold-start-max-frac"
+            )
         problem = sample_excluding(task, rng, exclude)
         completion = task.trace(problem, rng, READABLE)
         # room in the budget: the cold-started model searches longer than its examples, RL
