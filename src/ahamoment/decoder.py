@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ahamoment.lora_linear import linear, mlp
+
 SUPPORTED = ("llama", "qwen2", "mistral")
 
 
@@ -36,9 +38,9 @@ def qkv(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """Rotated queries (..., S, H, D) and keys, and values (..., S, Hkv, D), from the normed
     hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb."""
     D = attn.head_dim
-    q = attn.q_proj(x).unflatten(-1, (-1, D))
-    k = attn.k_proj(x).unflatten(-1, (-1, D))
-    v = attn.v_proj(x).unflatten(-1, (-1, D))
+    q = linear(attn.q_proj, x).unflatten(-1, (-1, D))
+    k = linear(attn.k_proj, x).unflatten(-1, (-1, D))
+    v = linear(attn.v_proj, x).unflatten(-1, (-1, D))
     q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
     return q, k, v
 
@@ -65,6 +67,6 @@ def prefill(
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(U, S, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + linear(attn.o_proj, o.transpose(1, 2).reshape(U, S, -1))
+        h = h + mlp(layer.mlp, layer.post_attention_layernorm(h))
     return h, keys, values

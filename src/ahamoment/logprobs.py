@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ahamoment import decoder, lora
+from ahamoment import decoder, lora, lora_linear
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +116,8 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
         attn = layer.self_attn
         q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (N, H|Hkv, D)
         o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
-        h = h + attn.o_proj(o)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + lora_linear.linear(attn.o_proj, o)
+        h = h + lora_linear.mlp(layer.mlp, layer.post_attention_layernorm(h))
 
     # predicting positions: each row's prompt end (token 0), then its stream (tokens 1..)
     hid = torch.cat([hp[:, -1], h])  # (U + N, C)

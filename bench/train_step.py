@@ -1,0 +1,97 @@
+"""The trainer's packed log-prob forward and backward with LoRA: one merged product per
+projection (``lora_linear.py``) against peft's own LoRA layers, one thread.
+
+Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
+every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
+one batch shaped like a late GRPO step: 16 prompts of 38-45 tokens x 8 completions whose
+lengths are drawn around 85 tokens (5-192), then backpropagate a sum of the log-probs. The
+sides alternate ``--repeats`` times on the same batches; each timing is the median of
+``--steps`` back-to-back calls after one warm-up call. The speedup is the median of the ratios
+of back-to-back pairs.
+
+    python bench/train_step.py            # ~1 min
+    python bench/train_step.py --quick    # smoke
+
+The last line is ``train_step_speedup=X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from ahamoment import lora, lora_linear
+from ahamoment.base_models import shipped_model
+from ahamoment.logprobs import completion_logprobs
+from ahamoment.stages.pretrain import PretrainConfig
+
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def batch(seed: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
+    """16 prompts x 8 completions of random tokens, lengths as in a late GRPO step."""
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for _ in range(16):
+        p = [rng.randrange(3, vocab) for _ in range(rng.randrange(38, 46))]
+        for _ in range(8):
+            n = max(5, min(192, int(rng.gauss(85, 35))))
+            prompts.append(p)
+            completions.append([rng.randrange(3, vocab) for _ in range(n)])
+    return prompts, completions
+
+
+def time_side(model, batches, merged: bool) -> float:
+    lora_linear.ENABLED = merged
+    times = []
+    for i, (p, c) in enumerate(batches):
+        t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        logp, mask, _ = completion_logprobs(model, p, c, 1.0, 0, with_entropy=True)
+        (logp * mask).sum().backward()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="Alternations of the two sides.")
+    ap.add_argument("--steps", type=int, default=4, help="Timed calls per side and repeat.")
+    ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 1
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = shipped_model(PretrainConfig().cache_key())
+    if base is None:
+        raise SystemExit("the shipped default base is missing: reinstall ahamoment")
+    model = lora.load_policy(base, None, 4, 32.0, TARGETS).train()
+    with torch.no_grad():
+        for name, q in model.named_parameters():
+            if "lora_B" in name:
+                q.normal_(std=0.02)
+    vocab = model.config.vocab_size
+    batches = [batch(s, vocab) for s in range(args.steps + 1)]
+    tokens = sum(len(c) for c in batches[0][1])
+    ratios, rows = [], []
+    for r in range(args.repeats):
+        peft_s = time_side(model, batches, merged=False)
+        ours_s = time_side(model, batches, merged=True)
+        ratios.append(peft_s / ours_s)
+        rows.append((r, peft_s, ours_s))
+    lora_linear.ENABLED = True
+    print(f"batch: 128 rows, {tokens} completion tokens in the first; one thread")
+    print("repeat  peft LoRA (s)  merged product (s)  ratio")
+    for r, a, b in rows:
+        print(f"{r:>6}  {a:>13.3f}  {b:>18.3f}  {a / b:.2f}")
+    print(f"train_step_speedup={statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
