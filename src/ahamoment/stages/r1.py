@@ -61,7 +61,8 @@ class R1Config:
     cold_start_n: int = 1000
     """Stage 1: readable verified chains of thought for the cold-start SFT."""
     cold_start_max_frac: float = 0.5
-    """Stage 1: keep only cold-start traces at most this share of --max-new-tokens long."""
+    """Stage 1: keep only cold-start traces at most this share of --max-new-tokens long; the
+    cold-started model searches longer than its examples, and a search cut off has no answer."""
     cold_start_epochs: float = 3.0
     """Stage 1 (and the cold-start share of stage 3): SFT epochs."""
     sft_lr: float = 1e-3
