@@ -41,3 +41,14 @@ def tiny_model(tiny_tokenizer):
         tiny_tokenizer, hidden=32, layers=2, heads=2, intermediate=64, max_positions=512
     )
     return new_model(cfg, seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny base model built once by the real `aha pretrain` (recipes/pretrain-tiny.yaml);
+    tests read it, never write it."""
+    from test_zero_e2e import TINY, aha
+
+    out = tmp_path_factory.mktemp("base") / "model"
+    aha("pretrain", "--recipe", TINY, "--out", str(out), "--threads", "1")
+    return out

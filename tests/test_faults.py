@@ -27,7 +27,7 @@ import test_distill
 from fault_harness import TINY, Report, Stage, json_file, run_stage, tensors
 from test_distill import make_server
 from test_r1 import R1_TINY
-from test_zero_e2e import ZERO_TINY, aha
+from test_zero_e2e import PRETRAIN_RESUMABLE, ZERO_TINY, aha
 
 TIMING = ("rollout_tok_s", "train_tok_s", "step_s", "tok_s")
 SFT = [
@@ -93,19 +93,7 @@ def stages(b: dict) -> dict[str, Stage]:
     return {
         "pretrain": Stage(
             "pretrain",
-            lambda out: [
-                "pretrain",
-                "--recipe",
-                TINY,
-                "--threads",
-                "1",
-                "--tokens",
-                "60000",
-                "--save-every",
-                "3",
-                "--out",
-                str(out),
-            ],  # fmt: skip
+            lambda out: [*PRETRAIN_RESUMABLE, "--out", str(out)],
             lambda out: {
                 "weights": tensors(out / "model.safetensors"),
                 "tokenizer": (out / "tokenizer.json").read_text(),

@@ -22,7 +22,7 @@ from ahamoment.stages import distill
 from ahamoment.stages.distill import DistillGenerateConfig, distill_generate
 from ahamoment.teachers import LocalTeacher, TeacherResult, teacher_sample
 from test_distill import _solve
-from test_zero_e2e import ROOT, TINY, ZERO_TINY, aha
+from test_zero_e2e import ROOT, ZERO_TINY, aha
 
 
 # --- atomic files ---------------------------------------------------------------------------
@@ -260,13 +260,6 @@ def _one_error_line(log: str) -> str:
     errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, log[-3000:]
     return errors[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "model"
-    aha("pretrain", "--recipe", TINY, "--out", str(out), "--threads", "1")
-    return out
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from ahamoment.prompts import stop_ids
 from ahamoment.rollout import SamplingParams, TorchEngine
 from ahamoment.rollout.base import Request
 from ahamoment.server import Service, StopFilter, ThinkSplitter, make_app, split_reasoning
-from tests_support import default_sigint, free_port, serve_on_loopback
+from tests_support import default_sigint, free_port, serve_on_loopback, wait_healthy
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -422,14 +421,7 @@ def test_aha_serve_cli_serves_and_stops_on_ctrl_c(tiny_model, tiny_tokenizer, tm
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "aha serve did not start"
-                time.sleep(0.2)
+        wait_healthy(url, proc, timeout=60)
         resp = client(url).chat.completions.create(model="tiny-model", messages=USER, max_tokens=8)
         assert resp.usage.completion_tokens_details.reasoning_tokens >= 0
         assert not hasattr(resp.choices[0].message, "reasoning_content")

@@ -25,7 +25,7 @@ import pytest
 
 from ahamoment.models import save_model
 from test_serve import KEY, USER, client, make_service, post, serving, tagged_model  # noqa: F401
-from tests_support import default_sigint, free_port
+from tests_support import default_sigint, free_port, wait_healthy
 
 openai = pytest.importorskip("openai")
 
@@ -228,16 +228,7 @@ def test_aha_serve_survives_hostile_clients_with_bounded_memory(
                             env=env, preexec_fn=default_sigint)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (
-                    "aha serve did not start"
-                )
-                time.sleep(0.2)
+        wait_healthy(url, proc, timeout=90)
         c = client(url)
         warm = {**CHAT, "model": "tiny"}
         for _ in range(2):  # warm up: the first bursts allocate what later ones reuse

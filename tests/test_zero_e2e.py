@@ -27,6 +27,12 @@ ZERO_TINY = [
 ]  # fmt: skip
 
 
+PRETRAIN_RESUMABLE = [
+    "pretrain", "--recipe", TINY, "--threads", "1", "--tokens", "60000", "--save-every", "3",
+]  # fmt: skip
+"""A tiny pretraining that checkpoints every 3 steps: long enough to kill mid-run."""
+
+
 def aha(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ahamoment.cli", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -37,13 +43,6 @@ def aha(*args: str, env: dict | None = None, check: bool = True) -> subprocess.C
 
 def _env(tmp_path: Path) -> dict:
     return {**os.environ, "AHAMOMENT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "model"
-    aha("pretrain", "--recipe", TINY, "--out", str(out), "--threads", "1")
-    return out
 
 
 @pytest.mark.slow
@@ -142,17 +141,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_base, tmp_path, sig):
 
 @pytest.mark.slow
 def test_killed_pretraining_resumes_to_the_same_model(tmp_path):
-    base = [
-        "pretrain",
-        "--recipe",
-        TINY,
-        "--threads",
-        "1",
-        "--tokens",
-        "60000",
-        "--save-every",
-        "3",
-    ]
+    base = PRETRAIN_RESUMABLE
     straight = tmp_path / "straight"
     aha(*base, "--out", str(straight))
 

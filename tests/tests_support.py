@@ -3,6 +3,7 @@
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,19 @@ def gqa_qwen2() -> Qwen2ForCausalLM:
     """A tiny grouped-query Qwen2 (q/k/v biases, untied head), seed 1, in eval mode."""
     torch.manual_seed(1)
     return Qwen2ForCausalLM(Qwen2Config(**_GQA_SHAPE, tie_word_embeddings=False)).eval()
+
+
+def wait_healthy(url: str, proc, timeout: float) -> None:
+    """Poll ``url``/health until it answers; fail if ``proc`` (an `aha serve` Popen) exits or
+    ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "aha serve did not start"
+            time.sleep(0.2)
 
 
 def free_port() -> int:

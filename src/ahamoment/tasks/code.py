@@ -110,40 +110,40 @@ _FENCE = re.compile(r"^```[a-zA-Z0-9_+-]*[ \t]*\n(.*?)\n?```$", re.DOTALL)
 
 
 # --- the families: the canonical program, and its value ----------------------------------------
+@dataclass(frozen=True)
+class _Family:
+    body: Callable[[Any], str]
+    """The canonical program's return expression for constants k."""
+    value: Callable[[Any, Any], Any]
+    """What that program returns: (k, input) -> output."""
+
+
+_FAMILIES: dict[str, _Family] = {
+    "affine": _Family(lambda k: f"{k[0]} * x + {k[1]}", lambda k, v: k[0] * v + k[1]),
+    "square": _Family(lambda k: f"{k[0]} * x * x + {k[1]}", lambda k, v: k[0] * v * v + k[1]),
+    "add": _Family(lambda k: f"[x + {k} for x in xs]", lambda k, v: [x + k for x in v]),
+    "keep": _Family(lambda k: f"[x for x in xs if x > {k}]", lambda k, v: [x for x in v if x > k]),
+    "suffix": _Family(lambda k: f"s + {k!r}", lambda k, v: v + k),
+    "repeat": _Family(lambda k: f"s * {k}", lambda k, v: v * k),
+}
+
+
+def _family(name: str) -> _Family:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}") from None
+
+
 def program(family: str, k: Any) -> str:
     """The canonical program of ``family`` with constants ``k`` (the gold answer)."""
-    if family == "affine":
-        body = f"{k[0]} * x + {k[1]}"
-    elif family == "square":
-        body = f"{k[0]} * x * x + {k[1]}"
-    elif family == "add":
-        body = f"[x + {k} for x in xs]"
-    elif family == "keep":
-        body = f"[x for x in xs if x > {k}]"
-    elif family == "suffix":
-        body = f"s + {k!r}"
-    elif family == "repeat":
-        body = f"s * {k}"
-    else:
-        raise ValueError(f"unknown family {family!r}")
+    body = _family(family).body(k)  # an unknown family: ValueError before the ARG lookup
     return f"def f({ARG[family]}):\n    return {body}"
 
 
 def apply(family: str, k: Any, v: Any) -> Any:
     """What ``program(family, k)`` returns on ``v`` (the examples and the hidden tests)."""
-    if family == "affine":
-        return k[0] * v + k[1]
-    if family == "square":
-        return k[0] * v * v + k[1]
-    if family == "add":
-        return [x + k for x in v]
-    if family == "keep":
-        return [x for x in v if x > k]
-    if family == "suffix":
-        return v + k
-    if family == "repeat":
-        return v * k
-    raise ValueError(f"unknown family {family!r}")
+    return _family(family).value(k, v)
 
 
 def _call(v: Any) -> str:
