@@ -88,6 +88,13 @@ COMMANDS: dict[str, Command] = {
         "distill",
         "Distillation vs RL on a small student: SFT on teacher traces against GRPO.",
     ),
+    "launch": Command(
+        "launch",
+        "LaunchConfig",
+        "launch",
+        "Asynchronous RL on one machine: rollout servers (`aha serve`) and the `aha zero` "
+        "trainer, weights pushed after every step.",
+    ),
     "report": Command(
         "report",
         "ReportConfig",

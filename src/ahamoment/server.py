@@ -1,7 +1,25 @@
 """An OpenAI-compatible chat server over the torch sampler, with the reasoning split out.
 
 Endpoints: ``POST /v1/chat/completions`` (plain or SSE streaming), ``POST /v1/completions``
-(raw text, for ``aha eval --base-url``), ``GET /v1/models``, ``GET /health``.
+(raw text, for ``aha eval --base-url``; token ids too, for rollouts), ``GET /v1/models``,
+``GET /health``, and for a trainer ``POST /v1/weights`` / ``GET /v1/weights``.
+
+**Rollouts for a trainer** (``aha zero --rollout-server``, ``rollout/server_engine.py``):
+``/v1/completions`` takes a token-id prompt and, with ``"return_token_ids": true`` (vLLM's
+extension of the same name), returns each choice's generated ``token_ids`` (a stop id kept, as
+our engines do) next to its per-token ``logprobs``. Every completions response carries
+``weight_version``: the version of the weights its batch was decoded with. A request with a
+``seed`` is decoded in a batch of its own under a generator seeded by it, so it reproduces
+exactly what the in-process torch engine samples under the same seed.
+
+**Weight updates** (``POST /v1/weights``): the body is a safetensors file of the model's full
+state dict (LoRA merged), the ``X-Weight-Version`` header its version. It is answered only
+when the server has a weights key (``aha serve --weights-key``, or ``$AHA_WEIGHTS_KEY``), sent
+as ``Authorization: Bearer KEY``; a server without one answers 403, so nobody can swap the
+model of a server not started for training. Names, shapes and dtypes must match the served
+model's exactly (400 otherwise, nothing changed). The new weights are taken between batches:
+the batch being decoded finishes on the old ones, and the answer comes once the new ones are
+in. ``GET /v1/weights`` says the current version (0: the weights the server started with).
 
 **Reasoning split** (the DeepSeek API's ``reasoning_content``; vLLM's ``deepseek_r1`` parser
 draws the same line). A completion is in its thinking from its first token until the first
@@ -39,7 +57,7 @@ leaves its rows to finish decoding (bounded by ``max_tokens``); the request is r
 
 Differences from the OpenAI API: stop strings are cut from the text as OpenAI does (our
 engines keep them; ``/v1/completions`` reports the cut one as vLLM's ``stop_reason``);
-``seed`` is ignored (rows share a batch's random draws); ``top_logprobs`` is not supported.
+``seed`` decodes a request alone (see above); ``top_logprobs`` is not supported.
 """
 
 from __future__ import annotations
@@ -60,6 +78,8 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from starlette.exceptions import HTTPException
 
 from ahamoment.prompts import CHAT_TEMPLATE, stop_ids
@@ -194,8 +214,10 @@ class Job:
     logprobs: bool
     loop: asyncio.AbstractEventLoop
     on_done: Any  # called on the event loop once every row has finished (or failed)
+    seed: int | None = None  # decoded in a batch of its own under this seed
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     running: int = 0  # rows not finished yet; touched only by the decoding thread
+    version: int = 0  # weight version its batch was decoded with (set by the decoding thread)
 
     def __post_init__(self) -> None:
         self.running = self.n
@@ -214,7 +236,7 @@ class Row:
     """One completion: token ids -> text deltas -> stop cut -> reasoning split -> events.
 
     Events: ("delta", index, reasoning, content, logprob entries) and
-    ("finish", index, finish_reason, completion_tokens, reasoning_tokens, matched_stop).
+    ("finish", index, finish_reason, completion_tokens, reasoning_tokens, matched_stop, ids).
     """
 
     def __init__(self, job: Job, index: int, service: Service) -> None:
@@ -255,7 +277,9 @@ class Row:
             n_reason = len(self.ids) if self.closed_at is None else self.closed_at
             n_reason = n_reason if self.split else 0
             self.job.row_done()  # first: the request is released before its client hears back
-            self.job.put(("finish", self.index, finish, len(self.ids), n_reason, self.stop.hit))
+            self.job.put(
+                ("finish", self.index, finish, len(self.ids), n_reason, self.stop.hit, self.ids)
+            )
 
     def _inject(self, delta: str, prev: int, text: str) -> str:
         """Test hook: the service's ``inject_reasoning`` text at the start of the thinking and
@@ -289,6 +313,7 @@ class Batcher:
         self.max_batch_rows = max_batch_rows
         self.wait = batch_wait_ms / 1000
         self.pending: queue.Queue[Job] = queue.Queue()
+        self.seeded: list[Job] = []  # seeded jobs met while filling a batch: decoded next
         self.batch_rows: list[int] = []  # rows of each decoded batch (tests, stats)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aha-batcher", daemon=True)
@@ -307,30 +332,43 @@ class Batcher:
             except queue.Empty:
                 continue
             rows, deadline = jobs[0].n, time.monotonic() + self.wait
-            while rows < self.max_batch_rows:
+            while rows < self.max_batch_rows and jobs[0].seed is None:
                 try:
                     job = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
+                if job.seed is not None:  # decoded alone, after this batch
+                    self.seeded.append(job)
+                    continue
                 jobs.append(job)
                 rows += job.n
             self._run(jobs)
+            while self.seeded:
+                self._run([self.seeded.pop(0)])
 
     def _run(self, jobs: list[Job]) -> None:
         svc = self.service
         rows = [Row(job, i, svc) for job in jobs for i in range(job.n)]
         self.batch_rows.append(len(rows))
+        seed = jobs[0].seed if len(jobs) == 1 else None
+        gen = svc.generator
+        if seed is not None:
+            gen = torch.Generator(device=gen.device).manual_seed(seed)
         try:
-            for step in sample_stream(
-                svc.model,
-                [r.job.prompt for r in rows],
-                [r.job.params for r in rows],
-                svc.generator,
-                svc.pad_id,
-                svc.tokenizer,
-            ):
-                for t in step:
-                    rows[t.row].token(t.token_id, t.logprob, t.finish_reason)
+            with svc.weights_lock:  # weights change only between batches
+                for job in jobs:
+                    job.version = svc.weight_version
+                for step in sample_stream(
+                    svc.model,
+                    [r.job.prompt for r in rows],
+                    [r.job.params for r in rows],
+                    gen,
+                    svc.pad_id,
+                    svc.tokenizer,
+                    svc.compile,
+                ):
+                    for t in step:
+                        rows[t.row].token(t.token_id, t.logprob, t.finish_reason)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
             # the exception text may quote generated text: name its type only
             log.error("generation failed (%s); %d requests get a 500", type(e).__name__, len(jobs))
@@ -357,6 +395,9 @@ class Service:
         batch_wait_ms: float = 5.0,
         seed: int = 0,
         max_request_bytes: int = 8 << 20,
+        weights_key: str = "",
+        max_weight_bytes: int = 16 << 30,
+        compile: bool = True,
     ) -> None:
         if reasoning not in ("visible", "hidden"):
             raise ValueError(f"reasoning must be 'visible' or 'hidden', got {reasoning!r}")
@@ -379,6 +420,11 @@ class Service:
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.inflight = 0  # admitted requests; touched only on the event loop
         self.inject_reasoning = ""  # test hook: see Row._inject
+        self.compile = compile  # the fused decoding step (rollout/compiled.py); False: eager
+        self.weights_key = weights_key.encode()
+        self.max_weight_bytes = max_weight_bytes
+        self.weight_version = 0  # 0: the weights loaded at start; then as the trainer says
+        self.weights_lock = threading.Lock()  # held by the decoding thread during a batch
         self.batcher = Batcher(self, max_batch_rows, batch_wait_ms)
 
     # -- admission and auth --
@@ -394,8 +440,58 @@ class Service:
                 code="invalid_api_key",
             )
 
+    def check_weights_auth(self, header: str | None) -> None:
+        if not self.weights_key:
+            raise APIError(
+                403,
+                "weight updates are off: start the server with --weights-key (or "
+                "$AHA_WEIGHTS_KEY) to let a trainer push weights",
+                code="weight_updates_off",
+            )
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.weights_key
+        ):
+            raise APIError(401, "missing or invalid weights key", code="invalid_api_key")
+
+    def load_weights(self, blob: bytes, version: int) -> None:
+        """Swap in a full state dict (safetensors bytes) between batches; 400 on a mismatch."""
+        try:
+            state = load_safetensors(blob)
+        except (SafetensorError, ValueError, OSError):
+            raise APIError(
+                400, "the body is not a safetensors file", code="invalid_weights"
+            ) from None
+        own = self.model.state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise APIError(
+                400,
+                f"state dict names differ from the served model's: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}",
+                code="invalid_weights",
+            )
+        for name, t in state.items():
+            if t.shape != own[name].shape or t.dtype != own[name].dtype:
+                raise APIError(
+                    400,
+                    f"{name}: got {t.dtype} {tuple(t.shape)}, the served model has "
+                    f"{own[name].dtype} {tuple(own[name].shape)}",
+                    code="invalid_weights",
+                )
+        with self.weights_lock, torch.no_grad():
+            for name, t in state.items():
+                own[name].copy_(t)
+            self.weight_version = version
+
     def submit(
-        self, prompt: list[int], params: SamplingParams, n: int, split: bool, logprobs: bool
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        n: int,
+        split: bool,
+        logprobs: bool,
+        seed: int | None = None,
     ) -> Job:
         """Admit a request (429 when ``max_inflight`` are in flight) and queue it; it stays
         admitted until the decoding thread has finished all its rows."""
@@ -406,7 +502,8 @@ class Service:
                 code="overloaded",
             )
         self.inflight += 1
-        job = Job(prompt, params, n, split, logprobs, asyncio.get_running_loop(), self._release)
+        loop = asyncio.get_running_loop()
+        job = Job(prompt, params, n, split, logprobs, loop, self._release, seed)
         self.batcher.pending.put(job)
         return job
 
@@ -630,10 +727,15 @@ def make_app(service: Service) -> FastAPI:
             ):
                 raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
             params.stop_ids = tuple(sorted(set(params.stop_ids) | set(extra)))
-        job = service.submit(prompt, params, n, False, body.get("logprobs") is not None)
+        seed = body.get("seed")
+        if seed is not None:
+            seed = _number(seed, "seed", int, 0, 2**63 - 1)
+        token_ids = bool(body.get("return_token_ids", False))
+        job = service.submit(prompt, params, n, False, body.get("logprobs") is not None, seed)
         choices, usage = await _collect(job, len(prompt))
         out = []
         for i, c in enumerate(choices):
+            extra = {"token_ids": c["ids"]} if token_ids else {}
             lp = None
             if job.logprobs:
                 lp = {
@@ -650,6 +752,7 @@ def make_app(service: Service) -> FastAPI:
                     "finish_reason": c["finish_reason"],
                     "stop_reason": c["stop"],
                 }
+                | extra
             )
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -658,7 +761,36 @@ def make_app(service: Service) -> FastAPI:
             "model": service.name,
             "choices": out,
             "usage": usage,
+            "weight_version": job.version,
         }
+
+    @app.get("/v1/weights")
+    async def weights_version(request: Request) -> dict[str, int]:
+        service.check_auth(request.headers.get("authorization"))
+        return {"weight_version": service.weight_version}
+
+    @app.post("/v1/weights")
+    async def update_weights(request: Request) -> dict[str, int]:
+        service.check_weights_auth(request.headers.get("authorization"))
+        try:
+            version = int(request.headers.get("x-weight-version", ""))
+        except ValueError:
+            raise APIError(
+                400, "send the weights' version as the X-Weight-Version header", "version"
+            ) from None
+        limit = service.max_weight_bytes
+        too_big = APIError(413, f"the weights are over {limit} bytes", code="too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise too_big
+        # copying waits for the batch being decoded: off the event loop
+        await asyncio.to_thread(service.load_weights, bytes(raw), version)
+        log.info("weights version %d loaded", version)
+        return {"weight_version": version}
 
     return app
 
@@ -675,7 +807,14 @@ def _usage(prompt_len: int, tokens: int, reasoning: int) -> dict[str, Any]:
 async def _collect(job: Job, prompt_len: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All events of a plain request, gathered per choice."""
     choices = [
-        {"reasoning": "", "content": "", "logprobs": [], "finish_reason": None, "stop": None}
+        {
+            "reasoning": "",
+            "content": "",
+            "logprobs": [],
+            "finish_reason": None,
+            "stop": None,
+            "ids": [],
+        }
         for _ in range(job.n)
     ]
     done = tokens = reasoning = 0
@@ -689,7 +828,7 @@ async def _collect(job: Job, prompt_len: int) -> tuple[list[dict[str, Any]], dic
             c["content"] += ev[3]
             c["logprobs"] += ev[4]
         else:
-            c["finish_reason"], c["stop"] = ev[2], ev[5]
+            c["finish_reason"], c["stop"], c["ids"] = ev[2], ev[5], ev[6]
             tokens, reasoning, done = tokens + ev[3], reasoning + ev[4], done + 1
     return choices, _usage(prompt_len, tokens, reasoning)
 

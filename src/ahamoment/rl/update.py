@@ -36,7 +36,7 @@ from ahamoment.logprobs import completion_logprobs, right_pad
 from ahamoment.rl.kl import KL_ESTIMATORS, KL_PLACEMENTS
 from ahamoment.rl.losses import POLICY_LOSSES, LossConfig, Norm, masked_mean
 from ahamoment.rl.rollouts import Rollout
-from ahamoment.rl.tis import scale_grad, tis_weights
+from ahamoment.rl.tis import IMPORTANCE, scale_grad
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class UpdateSettings:
     temperature: float = 1.0
     """Divides the trainer's logits, as the sampler's."""
     tis_cap: float = 0.0
+    """With C > 0, the sampler's log-probs are the behaviour policy of an importance weight
+    capped at C (``rl/tis.py``)."""
+    importance: str = "truncate"
+    """How the weight is capped (``IMPORTANCE``): truncate (TIS) or mask (AReaL)."""
     max_grad_norm: float = 1.0
     pad_id: int = 0
 
@@ -267,7 +271,7 @@ def policy_update(
                     samp = rollout.sampler_logprobs(chunk, logp) if need_samp else None  # (b, Lc)
                     pg_logp, tis = logp, None
                     if s.tis_cap > 0:  # same values, policy-gradient term weighted per token
-                        tis = tis_weights(old, samp, mask, s.tis_cap)  # (b, Lc)
+                        tis = IMPORTANCE.get(s.importance)(old, samp, mask, s.tis_cap)  # (b, Lc)
                         pg_logp = scale_grad(logp, tis)
                     loss, st = loss_fn(pg_logp, old, adv[idx], mask, s.loss_config, kl, norm)
                     accelerator.backward(loss * weight)

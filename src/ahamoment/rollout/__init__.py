@@ -1,7 +1,8 @@
 """Generation engines behind one interface (see ``base``): "torch" (ours, default, with the
 fused decoding step of ``compiled``), "torch-eager" (ours, plain torch ops), "hf"
-(transformers ``generate``, the reference), "vllm" (GPU, optional extra) and "openai" (any
-OpenAI-compatible endpoint). Budget forcing (s1) lives in ``budget``, torch engine only."""
+(transformers ``generate``, the reference), "vllm" (GPU, optional extra), "openai" (any
+OpenAI-compatible endpoint) and "server" (rollout servers apart from the trainer, weights pushed
+to them: ``server_engine``). Budget forcing (s1) lives in ``budget``, torch engine only."""
 
 from ahamoment.rollout.base import (
     ENGINES,
@@ -16,6 +17,7 @@ from ahamoment.rollout.budget import ThinkingBudget
 from ahamoment.rollout.hf_engine import HFEngine
 from ahamoment.rollout.openai_engine import OpenAIEngine, TextRequest
 from ahamoment.rollout.sampler import FusedTorchEngine, TorchEngine, sample, sample_stream
+from ahamoment.rollout.server_engine import ServerEngine
 from ahamoment.rollout.vllm_engine import VLLMEngine, vllm_sampling_kwargs
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "OpenAIEngine",
     "Request",
     "SamplingParams",
+    "ServerEngine",
     "TextRequest",
     "ThinkingBudget",
     "TokenEvent",

@@ -93,6 +93,9 @@ class Completion:
     ``reasoning_content``, or a teacher sample's think block)."""
     think: int | None = None
     """Tokens before ``</think>`` (all of them when thinking never ends); None: unknown."""
+    version: int | None = None
+    """Version of the weights that sampled it (optimizer steps taken), stamped by a server
+    engine; None: sampled in this process from the current weights."""
 
     @property
     def length(self) -> int | None:
@@ -144,13 +147,20 @@ class Engine(Protocol):
         """The tokens of one request as they are produced."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Take the trainer's current weights (call after every optimizer step)."""
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
+        """Take the trainer's current weights (call after every optimizer step); ``version``
+        (optimizer steps taken) stamps what a server engine samples with them."""
         ...
 
 
 ENGINES: Registry[Any] = Registry("rollout engine")
 """Engine factories: ``ENGINES.get(name)(model, tokenizer, **options) -> Engine``."""
+
+
+def engine_stats(engine: Any) -> dict[str, int]:
+    """An engine's fault and transfer counts since the last call (server engines), else {}."""
+    take = getattr(engine, "take_stats", None)
+    return take() if take is not None else {}
 
 
 def resolve_pad_id(tokenizer: Any, pad_id: int | None) -> int:

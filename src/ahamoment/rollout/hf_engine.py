@@ -134,6 +134,6 @@ class HFEngine:
                 last = j == len(c.ids) - 1
                 yield TokenEvent(index, t, lp, c.finish_reason if last else None)
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         if model is not self.model:  # LoRA adapters are merged into the copied weights
             self.model.load_state_dict(lora.merged_state_dict(model))

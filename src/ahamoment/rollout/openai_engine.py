@@ -171,7 +171,7 @@ class OpenAIEngine:
             "the openai engine cannot stream token ids: the completions API returns text"
         )
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         raise NotImplementedError(
             f"{self.base_url} serves its own weights; the openai engine cannot update them"
         )

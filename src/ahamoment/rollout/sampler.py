@@ -598,7 +598,7 @@ class TorchEngine:
             for t in step:
                 yield TokenEvent(t.row, t.token_id, t.logprob, t.finish_reason)
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         if model is not self.model:  # LoRA adapters are merged into the copied weights
             self.model.load_state_dict(lora.merged_state_dict(model))
 

@@ -221,7 +221,7 @@ class VLLMEngine:
                             )
 
     @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         """Push the trainer's weights into vLLM's copy (after every optimizer step).
 
         vLLM 0.31 / TRL 1.16 colocate path: the external_launcher executor runs the worker in

@@ -27,6 +27,7 @@ from ahamoment.models import load_model, load_tokenizer, set_threads
 from ahamoment.server import Service, make_app
 
 API_KEY_ENV = "AHA_API_KEY"
+WEIGHTS_KEY_ENV = "AHA_WEIGHTS_KEY"
 DEFAULT_NAME = "ahamoment-default"
 
 
@@ -64,6 +65,10 @@ class ServeConfig:
     """Seed of the sampling draws."""
     threads: int = 0
     """torch CPU threads; 0 uses every core this process may run on."""
+    weights_key: str = ""
+    """Bearer key a trainer sends to push new weights (POST /v1/weights, for `aha zero --rollout-server`); empty: $AHA_WEIGHTS_KEY; neither: weight updates are off."""
+    engine: str = "torch"
+    """Decoding step: torch (fused, rollout/compiled.py) or torch-eager (plain torch ops)."""
 
     def __post_init__(self) -> None:
         if self.reasoning not in ("visible", "hidden"):
@@ -78,9 +83,14 @@ class ServeConfig:
             raise ValueError("batch_wait_ms must be >= 0")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
+        if self.engine not in ("torch", "torch-eager"):
+            raise ValueError(f"engine must be 'torch' or 'torch-eager', got {self.engine!r}")
 
     def key(self) -> str:
         return self.api_key or os.environ.get(API_KEY_ENV, "")
+
+    def push_key(self) -> str:
+        return self.weights_key or os.environ.get(WEIGHTS_KEY_ENV, "")
 
 
 def build_service(cfg: ServeConfig, console: Console | None = None) -> Service:
@@ -101,6 +111,8 @@ def build_service(cfg: ServeConfig, console: Console | None = None) -> Service:
         batch_wait_ms=cfg.batch_wait_ms,
         seed=cfg.seed,
         max_request_bytes=cfg.max_request_bytes,
+        weights_key=cfg.push_key(),
+        compile=cfg.engine == "torch",
     )
 
 
@@ -115,7 +127,8 @@ def serve(cfg: ServeConfig, console: Console | None = None) -> None:
     logging.getLogger("ahamoment").setLevel(logging.INFO)
     console.print(
         f"serving [bold]{service.name}[/] at http://{cfg.host}:{cfg.port}/v1 "
-        f"(reasoning {cfg.reasoning}, auth {'on' if service.api_key else 'off'}); Ctrl-C stops"
+        f"(reasoning {cfg.reasoning}, auth {'on' if service.api_key else 'off'}, weight "
+        f"updates {'on' if service.weights_key else 'off'}); Ctrl-C stops"
     )
     server = uvicorn.Server(uvicorn.Config(make_app(service), host=cfg.host, port=cfg.port))
     try:

@@ -15,11 +15,18 @@ weight moves or the anchor is loose (docs/results/zero-countdown.md); the update
 deviations are listed in ``rl/update.py``. Several processes (`accelerate launch`): rollouts
 are sampled in seed blocks and gathered, every rank trains on its share of each minibatch, and
 rank 0 logs, checkpoints and evaluates (``distributed.py``).
+
+Rollout servers (``--rollout-server URL[,URL...]``): the rollouts and evaluations are sampled
+by ``aha serve`` (or vLLM) processes apart from the trainer, which pushes its weights to them
+after every step (``rollout/server_engine.py``). With ``--max-staleness K`` > 0 the steps
+t+1 ... t+K are sampled while step t trains (``rl/pipeline.py``), and the loss corrects for
+the older sampling weights with the importance weight of ``--tis-cap`` (``rl/tis.py``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +57,7 @@ from ahamoment.rl import (
     OverlongConfig,
     default_clip,
 )
+from ahamoment.rl.pipeline import RolloutPipeline, StepSample
 from ahamoment.rl.rollouts import (
     PromptSource,
     Rollout,
@@ -58,8 +66,11 @@ from ahamoment.rl.rollouts import (
     sample_groups,
     step_rng,
 )
+from ahamoment.rl.tis import IMPORTANCE
 from ahamoment.rl.update import TrainBatch, UpdateSettings, anchor, policy_update
 from ahamoment.rollout import ENGINES, SamplingParams, make_engine
+from ahamoment.rollout.base import engine_stats
+from ahamoment.rollout.server_engine import WEIGHT_SYNCS
 from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_linear_decay
 from ahamoment.splits import excluded
@@ -121,7 +132,17 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     overlong_penalty: float = 1.0
     """soft: the penalty at max_new_tokens (a correct answer earns 1)."""
     tis_cap: float = 0.0
-    """Truncated importance sampling (rl/tis.py): weight each token's policy-gradient term by min(exp(old_logp - sampler_logp), C), for a sampler (vLLM) whose log-probs differ from the trainer's; 0: off."""
+    """Truncated importance sampling (rl/tis.py): weight each token's policy-gradient term by min(exp(old_logp - sampler_logp), C), for a sampler (vLLM, rollout servers, older weights) whose log-probs differ from the trainer's; 0: off."""
+    importance: str = "truncate"
+    """How the --tis-cap weight is bounded (rl/tis.py): truncate (TIS: min(w, C)) or mask (AReaL's decoupled objective: tokens with w > C leave the loss)."""
+    rollout_server: str = ""
+    """Comma-separated URLs of rollout servers (`aha serve --weights-key KEY`, see `aha launch`): rollouts and evaluations are sampled there, and the weights pushed to them after every step. Empty: sample in this process with --engine."""
+    weights_key: str = ""
+    """Bearer key for pushing weights to the rollout servers; empty: $AHA_WEIGHTS_KEY."""
+    weight_sync: str = "aha"
+    """How weights reach the rollout servers: aha (`aha serve`'s POST /v1/weights) or vllm (vLLM's weight transfer; GPU only, untested here)."""
+    max_staleness: int = 0
+    """K: with rollout servers, steps t+1 ... t+K are sampled while step t trains (asynchronous RL; needs --tis-cap); completions from weights more than K steps old are dropped and counted. 0: synchronous."""
     seed_block: int = 0
     """Prompts sampled together under one seed (rl/rollouts.py): every process count that divides P / seed_block samples the same completions. 0: P / processes (the fastest); 1: one seed per prompt (any process count, slower rollouts)."""
     eval_every: int = 100
@@ -163,6 +184,18 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             )
         if self.lr_decay < 0 or self.max_sampling_rounds < 1 or self.tis_cap < 0:
             raise ValueError("lr_decay and tis_cap must be >= 0, max_sampling_rounds >= 1")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.max_staleness and not self.rollout_server:
+            raise ValueError(
+                "--max-staleness samples ahead on rollout servers: pass --rollout-server URL "
+                "(start them with `aha serve --weights-key KEY`, or use `aha launch`)"
+            )
+        if self.max_staleness and self.tis_cap <= 0:
+            raise ValueError(
+                f"--max-staleness {self.max_staleness} trains on samples from older weights: "
+                "set --tis-cap (e.g. 2) so the loss corrects for them"
+            )
         if self.seed_block < 0 or (self.seed_block and self.prompts_per_step % self.seed_block):
             raise ValueError(
                 f"seed_block ({self.seed_block}) must divide prompts_per_step "
@@ -178,6 +211,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             (OVERLONG, self.overlong),
             (ENGINES, self.engine),
             (LOGGERS, self.log),
+            (IMPORTANCE, self.importance),
+            (WEIGHT_SYNCS, self.weight_sync),
         ]:
             registry.get(name)
         self.loss_config()
@@ -186,6 +221,18 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
 
     def reward_weights(self) -> dict[str, float]:
         return parse_weights(self.reward)
+
+    def rollout_engine(self) -> tuple[str, dict[str, Any]]:
+        """The engine's name and options: the server engine when rollout servers are given."""
+        if not self.rollout_server:
+            return self.engine, {}
+        return "server", {
+            "urls": [u.strip() for u in self.rollout_server.split(",") if u.strip()],
+            "weights_key": self.weights_key or os.environ.get("AHA_WEIGHTS_KEY", ""),
+            "api_key": os.environ.get("AHA_API_KEY", ""),
+            "weight_sync": self.weight_sync,
+            "max_n": self.group_size,
+        }
 
     def loss_config(self) -> LossConfig:
         low, high = default_clip(POLICY_LOSSES.get(self.loss))
@@ -229,6 +276,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             skip_zero_adv=self.skip_zero_adv,
             temperature=self.temperature,
             tis_cap=self.tis_cap,
+            importance=self.importance,
             max_grad_norm=self.max_grad_norm,
             pad_id=pad_id,
         )
@@ -268,10 +316,12 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     # rollouts and evaluations: an engine that decodes a module in this process gets a plain
     # copy with the LoRA adapters merged in (one matmul per projection), others (vLLM) the
     # adapted model for its path
+    engine_name, engine_options = cfg.rollout_engine()
     rollout_model = lora.sampling_model(model)
-    if lora.is_lora(model) and getattr(ENGINES.get(cfg.engine), "decodes_module", False):
+    if lora.is_lora(model) and getattr(ENGINES.get(engine_name), "decodes_module", False):
         rollout_model = lora.merged_copy(model, tr.base_path)
-    engine = make_engine(cfg.engine, rollout_model, tokenizer)
+    engine = make_engine(engine_name, rollout_model, tokenizer, **engine_options)
+    engine.sync_weights(lora.sampling_model(model), version=0)  # servers start from ours
     evals = cfg.heldout_set(
         model, tokenizer, cfg.task, top_p=cfg.eval_top_p, engine=engine, reversed_digits=reverse
     )
@@ -304,6 +354,22 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     if ranks.main:
         run.cut_after("metrics.jsonl", step)
         run.cut_after("samples.jsonl", step)
+    engine.sync_weights(lora.sampling_model(policy), version=step)
+
+    def sample(s: int) -> StepSample:
+        """Step s's rollouts and rewards: G completions for each of P fresh prompts."""
+        t0 = time.time()
+        rng, gen = step_rng(cfg.seed, s)
+        batch, sampled, info = sample_groups(engine, tokenizer, source, rollouts, rng, gen, ranks)
+        return StepSample(s, batch, sampled, info | engine_stats(engine), gen, time.time() - t0)
+
+    pipeline = RolloutPipeline(
+        sample,
+        start=step,
+        end=cfg.steps,
+        max_staleness=cfg.max_staleness,
+        group_size=cfg.group_size,
+    )
 
     def save(at: int) -> None:
         path = tr.save(at, model, optimizer, scheduler)
@@ -311,6 +377,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             ref_model.save_pretrained(str(path / "reference"))
 
     def on_interrupt() -> None:
+        pipeline.close()
         save(step)
         logger.close()
         console.print(
@@ -321,12 +388,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         bar_id = bar.add_task("aha zero", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             t0 = time.time()
-            rng, gen = step_rng(cfg.seed, step)
             # 1. rollout and reward: G completions for each of P fresh prompts, every component
-            batch, sampled, sampling = sample_groups(
-                engine, tokenizer, source, rollouts, rng, gen, ranks
-            )
-            t_rollout = time.time() - t0
+            # (sampled now, or ahead while the last step trained: rl/pipeline.py)
+            got = pipeline.get(step)
+            batch, sampled, sampling, gen = got.batch, got.sampled, got.info, got.gen
             # 2. shape the rewards: the overlong handler may penalise or mask truncations
             truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions])
             lengths = torch.tensor(batch.lengths)  # (B,)
@@ -350,7 +415,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 ranks,
             )
             scheduler.step()
-            engine.sync_weights(lora.sampling_model(policy))  # no-op in-process
+            engine.sync_weights(lora.sampling_model(policy), version=step + 1)  # in-process: no-op
+            pipeline.published(step + 1)
             if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
                 ref_model.load_state_dict(lora.merged_state_dict(policy))
             t_train = time.time() - t1
@@ -360,7 +426,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             row.update(overlong_masked=int((~in_loss).sum()), lr=scheduler.get_last_lr()[0])
             row.update({k: v for k, v in upd.items() if k != "train_tokens"})
             row.update(
-                rollout_tok_s=sum(sampled.lengths) / max(t_rollout, 1e-9),
+                rollout_tok_s=sum(sampled.lengths) / max(got.seconds, 1e-9),
+                rollout_wait_s=got.waited,
                 train_tok_s=upd["train_tokens"] / max(t_train, 1e-9),
                 step_s=time.time() - t0,
             )
@@ -378,6 +445,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             # 7. checkpoint
             if cfg.save_every and step % cfg.save_every == 0:
                 save(step)
+    pipeline.close()
     logger.close()
 
     final = tr.save_final(model)  # plain HF weights, LoRA merged in
