@@ -10,7 +10,12 @@ sum over steps of (mean completion length x rows sampled) / sum of ``step_s``, t
 ``--skip`` steps left out (warm-up; B's first batch cannot overlap anything). The sides
 alternate ``--repeats`` times; the speedup is the median of the back-to-back pairs' ratios.
 
-    python bench/async_rl.py             # ~6 min
+A third side, the synchronous loop with 1 thread, gives the ceiling of any split into two
+1-thread processes: they do at most twice its work per second, so B / A can reach at most
+2 x (1-thread rate) / (2-thread rate), printed as ``async_ceiling`` (with perfect overlap and
+no transfer cost).
+
+    python bench/async_rl.py             # ~8 min
     python bench/async_rl.py --quick     # smoke
 
 The last line is ``async_speedup=X``.
@@ -47,9 +52,10 @@ def tokens_per_s(run: Path, skip: int) -> tuple[float, float]:
     return tokens / wall, wall / len(rows)
 
 
-def run_sync(steps: int, out: Path) -> None:
+def run_sync(steps: int, out: Path, threads: int = 2) -> None:
     cmd = [sys.executable, "-m", "ahamoment.cli", "zero", *zero_flags(steps, out)]
-    subprocess.run([*cmd, "--threads", "2"], check=True, cwd=ROOT, capture_output=True)
+    cmd += ["--threads", str(threads)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
 
 
 def run_async(steps: int, out: Path, port: int) -> None:
@@ -70,9 +76,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steps, args.skip, args.repeats = 8, 2, 1
-    ratios = []
+    ratios, ceilings = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
+            run_sync(args.steps, Path(tmp) / f"one{i}", threads=1)
+            one, one_step = tokens_per_s(Path(tmp) / f"one{i}", args.skip)
             t = time.time()
             run_sync(args.steps, Path(tmp) / f"sync{i}")
             a, a_step = tokens_per_s(Path(tmp) / f"sync{i}", args.skip)
@@ -82,12 +90,15 @@ def main() -> None:
             b, b_step = tokens_per_s(Path(tmp) / f"async{i}", args.skip)
             t_b = time.time() - t
             ratios.append(b / a)
+            ceilings.append(2 * one / a)
             print(
-                f"repeat {i}: sync (1 process, 2 threads) {a:,.0f} tok/s ({a_step:.2f} s/step, "
+                f"repeat {i}: sync 1 thread {one:,.0f} tok/s ({one_step:.2f} s/step); "
+                f"sync (1 process, 2 threads) {a:,.0f} tok/s ({a_step:.2f} s/step, "
                 f"run {t_a:.0f} s); async K=1 (server 1 thread + trainer 1 thread) {b:,.0f} "
                 f"tok/s ({b_step:.2f} s/step, run {t_b:.0f} s); ratio {b / a:.2f}",
                 flush=True,
             )
+    print(f"async_ceiling={statistics.median(ceilings):.2f}")
     print(f"async_speedup={statistics.median(ratios):.2f}")
 
 

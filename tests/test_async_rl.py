@@ -159,9 +159,11 @@ def test_weight_push_needs_the_key_and_a_matching_state_dict(tiny_model, tiny_to
         assert _post(url, "/v1/weights", blob, no_version)[0] == 400
         assert service.weight_version == 0  # nothing changed so far
         status, resp = _post(url, "/v1/weights", blob, good)
-        assert status == 200 and resp == {"weight_version": 5}
+        assert status == 200 and resp["weight_version"] == 5 and resp["applied"]  # idle server
         _, raw = http("GET", url + "/v1/weights", None, {}, 10)
-        assert json.loads(raw) == {"weight_version": 5}
+        now = json.loads(raw)
+        assert now["weight_version"] == 5 and now["pending_version"] is None
+        assert now["instance"] == service.instance == resp["instance"]
         # it now samples from the pushed weights: greedy equals the trained model's own
         _, [prompt] = _prompts(tiny_tokenizer, 1)
         params = SamplingParams(0.0, 1.0, 0, 16, stop_ids(tiny_tokenizer))
@@ -219,11 +221,12 @@ def test_a_restarted_server_gets_the_weights_before_it_serves(tiny_model, tiny_t
         engine = ServerEngine(None, tiny_tokenizer, urls=[url], weights_key=WKEY)
         engine.sync_weights(trained, version=3)
         assert service.weight_version == 3
-        # a restart: the process comes back with the weights it was started with
+        # a restart: a new process (instance) with the weights it was started with
         service.load_weights(_state_blob(tiny_model), 0)
+        service.instance = "restarted"
         out = engine.generate(requests)
         stats = engine.take_stats()
-    # the stale answer (version 0 < 3) was refused, the server re-pushed, then it served
+    # the answer from the new instance was refused, the server re-pushed, then it served
     assert all(c.version == 3 for g in out for c in g)
     assert stats["servers_lost"] == 1 and stats["servers_revived"] == 1
     assert stats["groups_resent"] >= 1 and service.weight_version == 3
@@ -320,3 +323,23 @@ def test_async_settings_are_checked():
     ).rollout_engine()
     assert name == "server" and options["urls"] == ["http://a:1", "http://b:2"]
     assert options["max_n"] == 4
+
+
+def test_a_push_during_a_batch_is_taken_before_the_next_one(tiny_model, tiny_tokenizer):
+    # The push answers at once while a batch decodes; that batch keeps the old weights (its
+    # completions say version 0), the next batch starts on the new ones (version 1).
+    service = make_service(tiny_model, tiny_tokenizer)
+    trained = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(0.9)
+    service.weights_lock.acquire()  # a batch is decoding
+    assert service.load_weights(_state_blob(trained), 1) is False
+    assert service.weight_version == 0 and service.pending[1] == 1
+    service.weights_lock.release()
+    _, requests = _group_requests(tiny_tokenizer, 1, 2)
+    with serve_on_loopback(make_app(service)) as url:
+        [group] = ServerEngine(None, tiny_tokenizer, urls=[url]).generate(requests)
+    assert [c.version for c in group] == [1, 1] and service.pending is None
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(service.model.state_dict()[k], v, rtol=0, atol=0)

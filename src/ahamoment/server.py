@@ -17,9 +17,13 @@ state dict (LoRA merged), the ``X-Weight-Version`` header its version. It is ans
 when the server has a weights key (``aha serve --weights-key``, or ``$AHA_WEIGHTS_KEY``), sent
 as ``Authorization: Bearer KEY``; a server without one answers 403, so nobody can swap the
 model of a server not started for training. Names, shapes and dtypes must match the served
-model's exactly (400 otherwise, nothing changed). The new weights are taken between batches:
-the batch being decoded finishes on the old ones, and the answer comes once the new ones are
-in. ``GET /v1/weights`` says the current version (0: the weights the server started with).
+model's exactly (400 otherwise, nothing changed). The answer comes as soon as the weights are
+checked: they are copied in at once when no batch is decoding, else just before the next
+batch starts (the batch being decoded finishes on the old ones), so a trainer never waits for
+a rollout to end. ``GET /v1/weights`` says the version in use (0: the weights the server
+started with), the one waiting if any, and the server's ``instance`` id (new at every start:
+a trainer that sees it change knows the server restarted and lost its weights; completions
+answers carry it as ``server_instance``).
 
 **Reasoning split** (the DeepSeek API's ``reasoning_content``; vLLM's ``deepseek_r1`` parser
 draws the same line). A completion is in its thinking from its first token until the first
@@ -356,6 +360,7 @@ class Batcher:
             gen = torch.Generator(device=gen.device).manual_seed(seed)
         try:
             with svc.weights_lock:  # weights change only between batches
+                svc.apply_pending()
                 for job in jobs:
                     job.version = svc.weight_version
                 for step in sample_stream(
@@ -425,6 +430,8 @@ class Service:
         self.max_weight_bytes = max_weight_bytes
         self.weight_version = 0  # 0: the weights loaded at start; then as the trainer says
         self.weights_lock = threading.Lock()  # held by the decoding thread during a batch
+        self.pending: tuple[dict[str, torch.Tensor], int] | None = None  # taken at next batch
+        self.instance = uuid.uuid4().hex  # new at every start
         self.batcher = Batcher(self, max_batch_rows, batch_wait_ms)
 
     # -- admission and auth --
@@ -454,8 +461,9 @@ class Service:
         ):
             raise APIError(401, "missing or invalid weights key", code="invalid_api_key")
 
-    def load_weights(self, blob: bytes, version: int) -> None:
-        """Swap in a full state dict (safetensors bytes) between batches; 400 on a mismatch."""
+    def load_weights(self, blob: bytes, version: int) -> bool:
+        """Check a full state dict (safetensors bytes; 400 on a mismatch) and put it in place
+        now if no batch is decoding, else before the next one. True if it is in place now."""
         try:
             state = load_safetensors(blob)
         except (SafetensorError, ValueError, OSError):
@@ -479,10 +487,26 @@ class Service:
                     f"{own[name].dtype} {tuple(own[name].shape)}",
                     code="invalid_weights",
                 )
-        with self.weights_lock, torch.no_grad():
+        self.pending = (state, version)  # a newer push replaces one not yet taken
+        if not self.weights_lock.acquire(blocking=False):
+            return False  # the decoding thread takes it before its next batch
+        try:
+            self.apply_pending()
+        finally:
+            self.weights_lock.release()
+        return True
+
+    def apply_pending(self) -> None:
+        """Copy waiting weights into the model (call with ``weights_lock`` held)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        state, version = pending
+        own = self.model.state_dict()
+        with torch.no_grad():
             for name, t in state.items():
                 own[name].copy_(t)
-            self.weight_version = version
+        self.weight_version = version
 
     def submit(
         self,
@@ -762,15 +786,21 @@ def make_app(service: Service) -> FastAPI:
             "choices": out,
             "usage": usage,
             "weight_version": job.version,
+            "server_instance": service.instance,
         }
 
     @app.get("/v1/weights")
-    async def weights_version(request: Request) -> dict[str, int]:
+    async def weights_version(request: Request) -> dict[str, Any]:
         service.check_auth(request.headers.get("authorization"))
-        return {"weight_version": service.weight_version}
+        pending = service.pending
+        return {
+            "weight_version": service.weight_version,
+            "pending_version": pending[1] if pending else None,
+            "instance": service.instance,
+        }
 
     @app.post("/v1/weights")
-    async def update_weights(request: Request) -> dict[str, int]:
+    async def update_weights(request: Request) -> dict[str, Any]:
         service.check_weights_auth(request.headers.get("authorization"))
         try:
             version = int(request.headers.get("x-weight-version", ""))
@@ -787,10 +817,9 @@ def make_app(service: Service) -> FastAPI:
             raw += part
             if len(raw) > limit:
                 raise too_big
-        # copying waits for the batch being decoded: off the event loop
-        await asyncio.to_thread(service.load_weights, bytes(raw), version)
-        log.info("weights version %d loaded", version)
-        return {"weight_version": version}
+        # reading and checking the tensors takes a moment: off the event loop
+        now = await asyncio.to_thread(service.load_weights, bytes(raw), version)
+        return {"weight_version": version, "applied": now, "instance": service.instance}
 
     return app
 

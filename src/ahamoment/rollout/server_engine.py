@@ -15,8 +15,8 @@ taken it.
 
 **Faults.** A request that cannot reach its server, or gets a 5xx, marks that server down and
 goes to the next live one: a group is received whole or sent again, never half-kept. A server
-that answers with an older weight version than it was given has restarted; it is marked down
-too and that group is sent again. Down servers are probed (``/health``) at most once a second,
+whose instance id changed since it took our weights has restarted with its start-up weights;
+it is marked down too and that group is sent again. Down servers are probed (``/health``) at most once a second,
 and one that answers gets the current weights *before* it serves again. With no server up for
 ``wait_s`` seconds the engine raises. ``take_stats()`` returns and resets the counts (groups
 sent again, pushes, servers up) for the trainer's metrics.
@@ -92,7 +92,8 @@ class AhaPush:
     def __init__(self, url: str, key: str, timeout: float = 600.0) -> None:
         self.url, self.key, self.timeout = url, key, timeout
 
-    def __call__(self, blob: bytes, version: int) -> None:
+    def __call__(self, blob: bytes, version: int) -> str | None:
+        """Push; returns the server's instance id."""
         headers = _bearer(self.key) | {
             "X-Weight-Version": str(version),
             "Content-Type": "application/octet-stream",
@@ -102,6 +103,7 @@ class AhaPush:
             raise ServerDown(f"{self.url}: weight push failed ({status})")
         if status != 200:  # a wrong key or another model: no retry can fix it
             raise ValueError(f"{self.url}/v1/weights: {status} {_error(status, raw)}")
+        return json.loads(raw).get("instance")
 
 
 @WEIGHT_SYNCS.register("vllm")
@@ -114,10 +116,11 @@ class VLLMPush:
 
         self.sync = make_vllm_sync([url], key)
 
-    def __call__(self, blob: bytes, version: int) -> None:
+    def __call__(self, blob: bytes, version: int) -> str | None:
         from safetensors.torch import load
 
         self.sync.push(load(blob), version)
+        return None  # vLLM says no instance id
 
 
 @dataclass
@@ -127,6 +130,7 @@ class _Server:
     name: str = ""  # the served model id
     up: bool = True
     version: int | None = None  # the version last pushed here (None: none yet)
+    instance: str | None = None  # the server process that took it (aha serve's instance id)
     probed: float = 0.0
 
 
@@ -195,7 +199,7 @@ class ServerEngine:
         try:
             self._hello(s)
             if self.blob is not None and self.version is not None:
-                s.push(self.blob, self.version)
+                s.instance = s.push(self.blob, self.version)
                 s.version = self.version
         except ServerDown:
             return False
@@ -277,7 +281,8 @@ class ServerEngine:
                 stamp = resp.get("weight_version")
                 if stamp is None:  # a server that does not stamp (vLLM): what we had pushed
                     stamp = sent if sent is None or s.version is None else min(sent, s.version)
-                elif s.version is not None and stamp < s.version:  # it restarted
+                instance = resp.get("server_instance")
+                if s.instance is not None and instance not in (None, s.instance):
                     raise ServerDown(f"{s.url}: restarted (serves version {stamp})")
                 out = [self._completion(c, stamp) for c in sorted(resp["choices"], key=_index)]
             except ServerDown:
@@ -347,7 +352,7 @@ class ServerEngine:
 
         def push(s: _Server) -> None:
             try:
-                s.push(self.blob, version)
+                s.instance = s.push(self.blob, version)
                 s.version = version
                 with self.lock:
                     self.stats["weight_pushes"] += 1
