@@ -343,3 +343,17 @@ def test_a_push_during_a_batch_is_taken_before_the_next_one(tiny_model, tiny_tok
     assert [c.version for c in group] == [1, 1] and service.pending is None
     for k, v in trained.state_dict().items():
         torch.testing.assert_close(service.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_detokenize_false_returns_the_same_ids_without_text(tiny_model, tiny_tokenizer):
+    service = make_service(tiny_model, tiny_tokenizer)
+    _, [prompt] = _prompts(tiny_tokenizer, 1)
+    body = {"model": "tiny", "prompt": prompt, "n": 2, "max_tokens": 16, "logprobs": 0}
+    body |= {"return_token_ids": True, "seed": 5}
+    with serve_on_loopback(make_app(service)) as url:
+        _, full = _post(url, "/v1/completions", json.dumps(body).encode(), {})
+        raw = json.dumps(body | {"detokenize": False}).encode()
+        _, bare = _post(url, "/v1/completions", raw, {})
+    for a, b in zip(full["choices"], bare["choices"]):
+        assert a["token_ids"] == b["token_ids"] and a["text"] and b["text"] == ""
+        assert a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"]

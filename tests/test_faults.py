@@ -29,7 +29,7 @@ from test_distill import make_server
 from test_r1 import R1_TINY
 from test_zero_e2e import PRETRAIN_RESUMABLE, ZERO_TINY, aha
 
-TIMING = ("rollout_tok_s", "train_tok_s", "step_s", "tok_s")
+TIMING = ("rollout_tok_s", "train_tok_s", "step_s", "tok_s", "rollout_wait_s", "sync_s")
 SFT = [
     "--epochs", "2", "--batch-size", "8", "--lr", "1e-2", "--warmup", "2", "--save-every", "1",
     "--heldout-n", "4", "--eval-k", "2", "--max-new-tokens", "24", "--no-real-eval",

@@ -19,7 +19,7 @@ from tests_support import default_sigint
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "recipes" / "pretrain-tiny.yaml")
-TIMING = {"rollout_tok_s", "train_tok_s", "step_s"}
+TIMING = {"rollout_tok_s", "train_tok_s", "step_s", "rollout_wait_s", "sync_s"}
 ZERO_TINY = [
     "--steps", "4", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24",
     "--heldout-n", "6", "--eval-k", "2", "--eval-every", "2", "--eval-n", "3",

@@ -77,3 +77,31 @@ def test_kl_placement_reward_gets_the_policy_kl_and_takes_it_out_of_the_loss(
     # the KL is still logged: 0 up to float rounding at step 1 (policy = reference), then it
     # grows as the policy leaves the reference
     assert abs(rows[0]["kl"]) < 1e-9 and rows[-1]["kl"] > 1e-6
+
+
+def _mixes(run) -> list[dict[str, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("curriculum/")} for r in rows]
+
+
+def test_adaptive_curriculum_logs_its_mix_and_resumes_where_it_was(
+    tiny_model, tiny_tokenizer, tmp_path
+):
+    base = _base(tiny_model, tiny_tokenizer, tmp_path)
+    opts = COMMON | dict(curriculum="adaptive", task="countdown")
+    run = tmp_path / "adaptive"
+    zero(ZeroConfig(model=str(base), out=str(run), **opts))
+    mixes = _mixes(run)
+    levels = {"n3_25_addsub", "n3_99_addsub", "n3_99_all", "n4_99_all", "n5_99_all"}
+    assert all({k.split("/")[1] for k in m} == levels for m in mixes)
+    assert all(abs(sum(m.values()) - 1) < 1e-9 for m in mixes)
+    assert mixes[0] != mixes[-1]  # the mix moved with what the groups scored
+    state = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["curriculum"]["curriculum"] == "adaptive"
+    # resumed at step 2, the curriculum continues from its saved state: the same mixes
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
+    shutil.copy(run / "base_eval.json", cut / "base_eval.json")
+    zero(ZeroConfig(model=str(base), out=str(cut), resume=True, **opts))
+    assert _mixes(cut) == mixes[2:]

@@ -8,7 +8,9 @@ Endpoints: ``POST /v1/chat/completions`` (plain or SSE streaming), ``POST /v1/co
 ``/v1/completions`` takes a token-id prompt and, with ``"return_token_ids": true`` (vLLM's
 extension of the same name), returns each choice's generated ``token_ids`` (a stop id kept, as
 our engines do) next to its per-token ``logprobs``. Every completions response carries
-``weight_version``: the version of the weights its batch was decoded with. A request with a
+``weight_version``: the version of the weights its batch was decoded with. With
+``"detokenize": false`` as well (vLLM's name; no stop strings) the text is left empty and no
+token is decoded, which spares the server's Python a decode per token. A request with a
 ``seed`` is decoded in a batch of its own under a generator seeded by it, so it reproduces
 exactly what the in-process torch engine samples under the same seed.
 
@@ -219,6 +221,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     on_done: Any  # called on the event loop once every row has finished (or failed)
     seed: int | None = None  # decoded in a batch of its own under this seed
+    detokenize: bool = True  # False: token ids and log-probs only, no text (rollouts)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     running: int = 0  # rows not finished yet; touched only by the decoding thread
     version: int = 0  # weight version its batch was decoded with (set by the decoding thread)
@@ -255,6 +258,13 @@ class Row:
     def token(self, token_id: int, logprob: float, finish: str | None) -> None:
         tok = self.service.tokenizer
         self.ids.append(token_id)
+        if not self.job.detokenize:  # ids and log-probs only: no per-token decoding
+            if self.job.logprobs:
+                self.job.put(("delta", self.index, "", "", [_logprob_entry("", logprob)]))
+            if finish is not None:
+                self.job.row_done()
+                self.job.put(("finish", self.index, finish, len(self.ids), 0, None, self.ids))
+            return
         delta = ""
         if token_id not in self.service.hidden_ids:
             self.visible.append(token_id)
@@ -516,6 +526,7 @@ class Service:
         split: bool,
         logprobs: bool,
         seed: int | None = None,
+        detokenize: bool = True,
     ) -> Job:
         """Admit a request (429 when ``max_inflight`` are in flight) and queue it; it stays
         admitted until the decoding thread has finished all its rows."""
@@ -527,7 +538,7 @@ class Service:
             )
         self.inflight += 1
         loop = asyncio.get_running_loop()
-        job = Job(prompt, params, n, split, logprobs, loop, self._release, seed)
+        job = Job(prompt, params, n, split, logprobs, loop, self._release, seed, detokenize)
         self.batcher.pending.put(job)
         return job
 
@@ -755,7 +766,10 @@ def make_app(service: Service) -> FastAPI:
         if seed is not None:
             seed = _number(seed, "seed", int, 0, 2**63 - 1)
         token_ids = bool(body.get("return_token_ids", False))
-        job = service.submit(prompt, params, n, False, body.get("logprobs") is not None, seed)
+        # vLLM's `detokenize: false`: ids and log-probs only (needs no stop strings)
+        detok = not (body.get("detokenize") is False and token_ids and not params.stop)
+        logprobs = body.get("logprobs") is not None
+        job = service.submit(prompt, params, n, False, logprobs, seed, detok)
         choices, usage = await _collect(job, len(prompt))
         out = []
         for i, c in enumerate(choices):

@@ -317,6 +317,16 @@ def make_curriculum(
     return CURRICULA.get(name)(task_name, exclude, target=target, **options)
 
 
+@dataclass(frozen=True)
+class CurriculumSource:
+    """A curriculum as ``rollouts.sample_groups``' prompt source: ``draw(rng) -> Problem``."""
+
+    curriculum: Curriculum
+
+    def draw(self, rng: random.Random) -> Problem:
+        return self.curriculum.draw(rng)[0]
+
+
 def _check_kind(state: dict[str, Any], kind: str) -> None:
     if state.get("curriculum") != kind:
         raise ValueError(

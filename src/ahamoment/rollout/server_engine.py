@@ -250,6 +250,8 @@ class ServerEngine:
             body["stop_token_ids"] = list(p.stop_ids)
         if p.stop:
             body["stop"] = list(p.stop)
+        else:  # the trainer decodes the ids itself: the server need not
+            body["detokenize"] = False
         if g.seed is not None:
             body["seed"] = g.seed
         return body

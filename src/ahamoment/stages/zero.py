@@ -57,9 +57,9 @@ from ahamoment.rl import (
     OverlongConfig,
     default_clip,
 )
+from ahamoment.rl.curriculum import CURRICULA, LEVEL_SETS, CurriculumSource, make_curriculum
 from ahamoment.rl.pipeline import RolloutPipeline, StepSample
 from ahamoment.rl.rollouts import (
-    PromptSource,
     Rollout,
     RolloutSettings,
     rollout_metrics,
@@ -74,7 +74,6 @@ from ahamoment.rollout.server_engine import WEIGHT_SYNCS
 from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_linear_decay
 from ahamoment.splits import excluded
-from ahamoment.tasks import get_task
 
 
 @dataclass
@@ -121,6 +120,10 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Where the KL acts (rl/kl.py): loss (per token, as R1 and TRL) or reward (r - β·Σ_t kl_t, as PPO-RLHF)."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N steps (R1: 400); 0 never refreshes."""
+    curriculum: str = "none"
+    """Where training problems come from (rl/curriculum.py): none (the task, uniformly) or adaptive (difficulty levels of the task, the mix moved every step so that group accuracy stays near --curriculum-target; logged as curriculum/<level>)."""
+    curriculum_target: float = 0.5
+    """adaptive: the group accuracy the level mix aims at (0.5: most groups have both right and wrong answers)."""
     group_filter: str = "all"
     """Groups kept for training (rl/shaping.py): all, or nonconstant (DAPO dynamic sampling: refill dropped groups)."""
     max_sampling_rounds: int = 3
@@ -184,6 +187,15 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             )
         if self.lr_decay < 0 or self.max_sampling_rounds < 1 or self.tis_cap < 0:
             raise ValueError("lr_decay and tis_cap must be >= 0, max_sampling_rounds >= 1")
+        if not 0 < self.curriculum_target < 1:
+            raise ValueError(f"curriculum_target must be in (0, 1), got {self.curriculum_target}")
+        if self.curriculum != "none":
+            CURRICULA.get(self.curriculum)
+            if self.task not in LEVEL_SETS:
+                raise ValueError(
+                    f"--curriculum {self.curriculum} needs a task with difficulty levels "
+                    f"(rl/curriculum.py: {', '.join(LEVEL_SETS)}), not {self.task!r}"
+                )
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if self.max_staleness and not self.rollout_server:
@@ -325,7 +337,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     evals = cfg.heldout_set(
         model, tokenizer, cfg.task, top_p=cfg.eval_top_p, engine=engine, reversed_digits=reverse
     )
-    source = PromptSource(get_task(cfg.task), excluded(cfg.task))
+    curriculum = make_curriculum(
+        cfg.curriculum, cfg.task, excluded(cfg.task), target=cfg.curriculum_target
+    )
+    source = CurriculumSource(curriculum)
     rollouts, update = cfg.rollout_settings(tokenizer), cfg.update_settings(tokenizer.pad_token_id)
     adv_fn = ADVANTAGES.get(cfg.advantage)
     overlong_fn, overlong_cfg = OVERLONG.get(cfg.overlong), cfg.overlong_config()
@@ -350,7 +365,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_model = _reference(cfg, tr, accelerator.device)
     policy = accelerator.unwrap_model(model)  # the bare module: sampling and no-grad forwards
-    step = tr.restore(optimizer, scheduler)["step"]
+    restored = tr.restore(optimizer, scheduler)
+    step = restored["step"]
+    if "curriculum" in restored:
+        curriculum.load_state_dict(restored["curriculum"])
     if ranks.main:
         run.cut_after("metrics.jsonl", step)
         run.cut_after("samples.jsonl", step)
@@ -361,6 +379,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         t0 = time.time()
         rng, gen = step_rng(cfg.seed, s)
         batch, sampled, info = sample_groups(engine, tokenizer, source, rollouts, rng, gen, ranks)
+        # the curriculum sees every sampled group, those a group filter dropped included
+        levels = [curriculum.level_of(p) for p in sampled.problems]
+        curriculum.observe(levels, sampled.rewards.correct, cfg.group_size)
+        info |= {f"curriculum/{k}": v for k, v in curriculum.mix().items()}
         return StepSample(s, batch, sampled, info | engine_stats(engine), gen, time.time() - t0)
 
     pipeline = RolloutPipeline(
@@ -372,7 +394,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     )
 
     def save(at: int) -> None:
-        path = tr.save(at, model, optimizer, scheduler)
+        path = tr.save(at, model, optimizer, scheduler, curriculum=curriculum.state_dict())
         if ranks.main and ref_model is not None and cfg.ref_refresh:
             ref_model.save_pretrained(str(path / "reference"))
 
@@ -415,8 +437,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 ranks,
             )
             scheduler.step()
+            t_sync = time.time()
             engine.sync_weights(lora.sampling_model(policy), version=step + 1)  # in-process: no-op
             pipeline.published(step + 1)
+            t_sync = time.time() - t_sync
             if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
                 ref_model.load_state_dict(lora.merged_state_dict(policy))
             t_train = time.time() - t1
@@ -428,6 +452,7 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             row.update(
                 rollout_tok_s=sum(sampled.lengths) / max(got.seconds, 1e-9),
                 rollout_wait_s=got.waited,
+                sync_s=t_sync,
                 train_tok_s=upd["train_tokens"] / max(t_train, 1e-9),
                 step_s=time.time() - t0,
             )
