@@ -357,3 +357,45 @@ def test_detokenize_false_returns_the_same_ids_without_text(tiny_model, tiny_tok
     for a, b in zip(full["choices"], bare["choices"]):
         assert a["token_ids"] == b["token_ids"] and a["text"] and b["text"] == ""
         assert a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"]
+
+
+def test_a_server_reference_gives_the_trainers_kl_anchor(tiny_model, tiny_tokenizer):
+    # The server keeps its starting weights as the reference; after a push it samples from
+    # the new weights, yet its ref_logprobs are still the reference's, equal to what the
+    # trainer's own reference forward gives (anchor), to float rounding.
+    from ahamoment.rl.update import anchor
+    from ahamoment.server import state_sha
+
+    G = 4
+    problems, requests = _group_requests(tiny_tokenizer, 2, G)
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    service = make_service(tiny_model, tiny_tokenizer, reference=True)
+    assert service.reference_sha == state_sha(tiny_model)
+    with serve_on_loopback(make_app(service)) as url:
+        engine = ServerEngine(
+            None, tiny_tokenizer, urls=[url], weights_key=WKEY,
+            reference_sha=state_sha(tiny_model),
+        )  # fmt: skip
+        engine.sync_weights(moved, version=1)
+        served = [c for g in engine.generate(requests) for c in g]
+        other = ServerEngine(None, tiny_tokenizer, urls=[url], reference_sha="another model")
+        [[unasked, *_], *_] = other.generate(requests)
+    assert unasked.ref_logprobs is None  # a reference that is not the trainer's is not used
+    assert all(c.version == 1 and len(c.ref_logprobs) == len(c.ids) for c in served)
+    rows = [i for i in range(2) for _ in range(G)]
+    batch = Rollout([problems[i] for i in rows], [list(requests[i].prompt) for i in rows], served)
+    cfg = ZeroConfig(prompts_per_step=2, group_size=G, kl_coef=0.05)
+    rewards = torch.zeros(len(batch))
+    settings = cfg.update_settings(0)
+    from_servers = anchor(moved, tiny_model, batch, rewards, settings, "loss").ref_logp
+    for c in batch.completions:
+        c.ref_logprobs = None
+    own = anchor(moved, tiny_model, batch, rewards, settings, "loss").ref_logp
+    assert own.shape == from_servers.shape and own.abs().sum() > 1
+    torch.testing.assert_close(from_servers, own, rtol=0, atol=1e-5)
+    # and they are the reference's, not the pushed policy's
+    policy = anchor(tiny_model, moved, batch, rewards, settings, "loss").ref_logp
+    assert (policy - own).abs().max() > 1e-3

@@ -12,7 +12,12 @@ our engines do) next to its per-token ``logprobs``. Every completions response c
 ``"detokenize": false`` as well (vLLM's name; no stop strings) the text is left empty and no
 token is decoded, which spares the server's Python a decode per token. A request with a
 ``seed`` is decoded in a batch of its own under a generator seeded by it, so it reproduces
-exactly what the in-process torch engine samples under the same seed.
+exactly what the in-process torch engine samples under the same seed. A server started with a
+reference (``aha serve --reference``: a frozen copy of the weights it started with) answers
+``"return_ref_logprobs": true`` with each choice's ``ref_logprobs``: that copy's log-probs of
+the generated tokens at the request's temperature, the KL anchor a trainer would otherwise
+compute itself. ``GET /v1/weights`` gives the copy's ``reference_sha`` (``state_sha``), so a
+trainer uses them only when its own reference is bit for bit the same.
 
 **Weight updates** (``POST /v1/weights``): the body is a safetensors file of the model's full
 state dict (LoRA merged), the ``X-Weight-Version`` header its version. It is answered only
@@ -69,6 +74,8 @@ engines keep them; ``/v1/completions`` reports the cut one as vLLM's ``stop_reas
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import hmac
 import json
 import logging
@@ -88,6 +95,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from starlette.exceptions import HTTPException
 
+from ahamoment.logprobs import completion_logprobs
 from ahamoment.prompts import CHAT_TEMPLATE, stop_ids
 from ahamoment.rollout.base import SamplingParams
 from ahamoment.rollout.sampler import sample_stream
@@ -96,6 +104,15 @@ log = logging.getLogger("ahamoment.serve")
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = ("<answer>", "</answer>")
+
+
+def state_sha(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict as safetensors bytes (names, dtypes, shapes, values):
+    equal on two machines exactly when the weights are."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return hashlib.sha256(save(state)).hexdigest()
 
 
 # --- text: stop strings and the reasoning split ---------------------------------------------
@@ -222,6 +239,7 @@ class Job:
     on_done: Any  # called on the event loop once every row has finished (or failed)
     seed: int | None = None  # decoded in a batch of its own under this seed
     detokenize: bool = True  # False: token ids and log-probs only, no text (rollouts)
+    ref: bool = False  # also the reference model's log-probs of each completion
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     running: int = 0  # rows not finished yet; touched only by the decoding thread
     version: int = 0  # weight version its batch was decoded with (set by the decoding thread)
@@ -254,6 +272,7 @@ class Row:
         self.closed_at: int | None = None  # tokens up to and including the closing tag
         self.stop = StopFilter(job.params.stop)
         self.split = ThinkSplitter(service.reasoning == "visible") if job.split else None
+        self.done: tuple | None = None  # a finish held back for the reference log-probs
 
     def token(self, token_id: int, logprob: float, finish: str | None) -> None:
         tok = self.service.tokenizer
@@ -262,8 +281,7 @@ class Row:
             if self.job.logprobs:
                 self.job.put(("delta", self.index, "", "", [_logprob_entry("", logprob)]))
             if finish is not None:
-                self.job.row_done()
-                self.job.put(("finish", self.index, finish, len(self.ids), 0, None, self.ids))
+                self._finish(finish, 0, None)
             return
         delta = ""
         if token_id not in self.service.hidden_ids:
@@ -289,11 +307,15 @@ class Row:
             self.job.put(("delta", self.index, reasoning, content, entries))
         if finish is not None:
             n_reason = len(self.ids) if self.closed_at is None else self.closed_at
-            n_reason = n_reason if self.split else 0
-            self.job.row_done()  # first: the request is released before its client hears back
-            self.job.put(
-                ("finish", self.index, finish, len(self.ids), n_reason, self.stop.hit, self.ids)
-            )
+            self._finish(finish, n_reason if self.split else 0, self.stop.hit)
+
+    def _finish(self, finish: str, n_reason: int, hit: str | None, ref=None) -> None:
+        """The row's last event; a row that wants reference log-probs waits for them."""
+        if self.job.ref and ref is None:
+            self.done = (finish, n_reason, hit)  # the batch computes them once it has ended
+            return
+        self.job.row_done()  # first: the request is released before its client hears back
+        self.job.put(("finish", self.index, finish, len(self.ids), n_reason, hit, self.ids, ref))
 
     def _inject(self, delta: str, prev: int, text: str) -> str:
         """Test hook: the service's ``inject_reasoning`` text at the start of the thinking and
@@ -384,6 +406,9 @@ class Batcher:
                 ):
                     for t in step:
                         rows[t.row].token(t.token_id, t.logprob, t.finish_reason)
+            waiting = [r for r in rows if r.done is not None]
+            if waiting:  # outside the lock: the reference never changes
+                svc.reference_logprobs(waiting)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
             # the exception text may quote generated text: name its type only
             log.error("generation failed (%s); %d requests get a 500", type(e).__name__, len(jobs))
@@ -413,6 +438,7 @@ class Service:
         weights_key: str = "",
         max_weight_bytes: int = 16 << 30,
         compile: bool = True,
+        reference: bool = False,
     ) -> None:
         if reasoning not in ("visible", "hidden"):
             raise ValueError(f"reasoning must be 'visible' or 'hidden', got {reasoning!r}")
@@ -442,6 +468,9 @@ class Service:
         self.weights_lock = threading.Lock()  # held by the decoding thread during a batch
         self.pending: tuple[dict[str, torch.Tensor], int] | None = None  # taken at next batch
         self.instance = uuid.uuid4().hex  # new at every start
+        # a frozen copy of the starting weights: the KL reference of a trainer (--reference)
+        self.reference = copy.deepcopy(self.model).requires_grad_(False) if reference else None
+        self.reference_sha = state_sha(self.reference) if reference else None
         self.batcher = Batcher(self, max_batch_rows, batch_wait_ms)
 
     # -- admission and auth --
@@ -506,6 +535,27 @@ class Service:
             self.weights_lock.release()
         return True
 
+    def reference_logprobs(self, rows: list[Row]) -> None:
+        """Finish ``rows`` with the reference model's log-probs of their tokens (one packed
+        forward per temperature), as a trainer's KL anchor would compute them."""
+        if self.reference is None:  # asked of a server started without --reference
+            for r in rows:
+                r._finish(*r.done, ref=[])
+            return
+        by_temp: dict[float, list[Row]] = {}
+        for r in rows:
+            by_temp.setdefault(r.job.params.temperature or 1.0, []).append(r)
+        for temp, group in by_temp.items():
+            lp, _, _ = completion_logprobs(
+                self.reference,
+                [r.job.prompt for r in group],
+                [r.ids for r in group],
+                temp,
+                self.pad_id,
+            )  # (b, Lc)
+            for r, row_lp in zip(group, lp.tolist()):
+                r._finish(*r.done, ref=row_lp[: len(r.ids)])
+
     def apply_pending(self) -> None:
         """Copy waiting weights into the model (call with ``weights_lock`` held)."""
         pending, self.pending = self.pending, None
@@ -527,6 +577,7 @@ class Service:
         logprobs: bool,
         seed: int | None = None,
         detokenize: bool = True,
+        ref: bool = False,
     ) -> Job:
         """Admit a request (429 when ``max_inflight`` are in flight) and queue it; it stays
         admitted until the decoding thread has finished all its rows."""
@@ -538,7 +589,7 @@ class Service:
             )
         self.inflight += 1
         loop = asyncio.get_running_loop()
-        job = Job(prompt, params, n, split, logprobs, loop, self._release, seed, detokenize)
+        job = Job(prompt, params, n, split, logprobs, loop, self._release, seed, detokenize, ref)
         self.batcher.pending.put(job)
         return job
 
@@ -769,11 +820,14 @@ def make_app(service: Service) -> FastAPI:
         # vLLM's `detokenize: false`: ids and log-probs only (needs no stop strings)
         detok = not (body.get("detokenize") is False and token_ids and not params.stop)
         logprobs = body.get("logprobs") is not None
-        job = service.submit(prompt, params, n, False, logprobs, seed, detok)
+        ref = bool(body.get("return_ref_logprobs")) and service.reference is not None
+        job = service.submit(prompt, params, n, False, logprobs, seed, detok, ref)
         choices, usage = await _collect(job, len(prompt))
         out = []
         for i, c in enumerate(choices):
             extra = {"token_ids": c["ids"]} if token_ids else {}
+            if c["ref"] is not None:
+                extra["ref_logprobs"] = c["ref"]
             lp = None
             if job.logprobs:
                 lp = {
@@ -811,6 +865,7 @@ def make_app(service: Service) -> FastAPI:
             "weight_version": service.weight_version,
             "pending_version": pending[1] if pending else None,
             "instance": service.instance,
+            "reference_sha": service.reference_sha,
         }
 
     @app.post("/v1/weights")
@@ -857,6 +912,7 @@ async def _collect(job: Job, prompt_len: int) -> tuple[list[dict[str, Any]], dic
             "finish_reason": None,
             "stop": None,
             "ids": [],
+            "ref": None,
         }
         for _ in range(job.n)
     ]
@@ -871,7 +927,7 @@ async def _collect(job: Job, prompt_len: int) -> tuple[list[dict[str, Any]], dic
             c["content"] += ev[3]
             c["logprobs"] += ev[4]
         else:
-            c["finish_reason"], c["stop"], c["ids"] = ev[2], ev[5], ev[6]
+            c["finish_reason"], c["stop"], c["ids"], c["ref"] = ev[2], ev[5], ev[6], ev[7]
             tokens, reasoning, done = tokens + ev[3], reasoning + ev[4], done + 1
     return choices, _usage(prompt_len, tokens, reasoning)
 

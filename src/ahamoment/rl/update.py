@@ -125,11 +125,25 @@ def anchor(
         old = sharded_logprobs(policy, batch, T, pad, ranks)  # (B, Lc)
     if ref_model is None:
         return Anchors(rewards=rewards, old_logp=old, ref_logp=None, loss_kl=0.0)
-    ref = sharded_logprobs(ref_model, batch, T, pad, ranks)  # (B, Lc)
+    ref = served_ref(batch, next(ref_model.parameters()).device)  # (B, Lc) from the servers
+    if ref is None:
+        ref = sharded_logprobs(ref_model, batch, T, pad, ranks)  # (B, Lc)
     kl_tok = KL_ESTIMATORS.get(settings.kl_estimator)(old, ref) if needs_old else None  # (B, Lc)
     mask = right_pad([c.ids for c in batch.completions], pad)[1]  # (B, Lc)
     rewards, loss_kl = place(rewards, kl_tok, mask, settings.loss_config.kl_coef)
     return Anchors(rewards=rewards, old_logp=old, ref_logp=ref, loss_kl=loss_kl)
+
+
+def served_ref(batch: Rollout, device: torch.device | str = "cpu") -> Tensor | None:
+    """(B, Lc) reference log-probs that rollout servers computed with the trainer's very
+    reference (``rollout/server_engine.py``), zero-padded; None unless every row has them."""
+    rows = [c.ref_logprobs for c in batch.completions]
+    if not rows or any(r is None for r in rows):
+        return None
+    out = torch.zeros((len(rows), max(1, max(len(c.ids) for c in batch.completions))))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out.to(device)
 
 
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):

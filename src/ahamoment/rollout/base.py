@@ -96,6 +96,9 @@ class Completion:
     version: int | None = None
     """Version of the weights that sampled it (optimizer steps taken), stamped by a server
     engine; None: sampled in this process from the current weights."""
+    ref_logprobs: list[float] | None = None
+    """The KL reference model's log-probs of ``ids``, when a rollout server computed them
+    (``aha serve --reference``); None: the trainer computes them."""
 
     @property
     def length(self) -> int | None:

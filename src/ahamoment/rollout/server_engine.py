@@ -21,6 +21,11 @@ and one that answers gets the current weights *before* it serves again. With no 
 ``wait_s`` seconds the engine raises. ``take_stats()`` returns and resets the counts (groups
 sent again, pushes, servers up) for the trainer's metrics.
 
+**Reference log-probs.** Given ``reference_sha`` (``server.state_sha`` of the trainer's KL
+reference), the engine asks each server whose own reference has that hash (``aha serve
+--reference``) for ``ref_logprobs`` too, so the trainer skips its reference forward; other
+servers are asked for none, and a batch with any row lacking them is anchored by the trainer.
+
 Versions: ``aha serve`` stamps each answer; for vLLM the stamp is the version this client last
 pushed to that server before the request (the older one if a push happened meanwhile).
 """
@@ -131,6 +136,7 @@ class _Server:
     up: bool = True
     version: int | None = None  # the version last pushed here (None: none yet)
     instance: str | None = None  # the server process that took it (aha serve's instance id)
+    ref: bool = False  # its reference is the trainer's: ask it for reference log-probs
     probed: float = 0.0
 
 
@@ -163,6 +169,7 @@ class ServerEngine:
         seeded: bool = False,
         timeout: float = 600.0,
         wait_s: float = 120.0,
+        reference_sha: str | None = None,
     ) -> None:
         if not urls:
             raise ValueError("the server engine needs at least one server URL")
@@ -173,6 +180,7 @@ class ServerEngine:
         self.tokenizer, self.api_key = tokenizer, api_key
         self.concurrency, self.max_n, self.seeded = max(1, concurrency), max(1, max_n), seeded
         self.timeout, self.wait_s = timeout, wait_s
+        self.reference_sha = reference_sha
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
         self.blob: bytes | None = None  # the current weights, for servers that come back
@@ -192,6 +200,11 @@ class ServerEngine:
                 raise ServerDown(f"{s.url}: {status}")
             raise ValueError(f"{s.url}/v1/models: {status} {_error(status, raw)}")
         s.name = json.loads(raw)["data"][0]["id"]
+        s.ref = False
+        if self.reference_sha:  # aha serve says which reference it holds; others have none
+            status, raw = http("GET", f"{s.url}/v1/weights", None, _bearer(self.api_key), 10.0)
+            if status == 200:
+                s.ref = json.loads(raw).get("reference_sha") == self.reference_sha
 
     def _revive(self, s: _Server) -> bool:
         """Probe a down server; one that answers gets the current weights, then serves."""
@@ -254,6 +267,8 @@ class ServerEngine:
             body["detokenize"] = False
         if g.seed is not None:
             body["seed"] = g.seed
+        if s.ref:
+            body["return_ref_logprobs"] = True
         return body
 
     def _one(self, g: _Group) -> list[Completion]:
@@ -307,7 +322,12 @@ class ServerEngine:
         if len(lps) != len(ids):
             raise RuntimeError(f"{len(ids)} token ids but {len(lps)} log-probs in an answer")
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(list(ids), [float(x) for x in lps], reason, version=version)
+        ref = choice.get("ref_logprobs")
+        if ref is not None and len(ref) != len(ids):
+            ref = None  # the trainer computes them
+        return Completion(
+            list(ids), [float(x) for x in lps], reason, version=version, ref_logprobs=ref
+        )
 
     def generate(
         self, requests: Sequence[Request], generator: torch.Generator | None = None

@@ -5,7 +5,9 @@ Starts ``servers`` `aha serve` processes on ports ``port``, ``port + 1``, ... (e
 each answers, then runs `aha zero --rollout-server URLS` with ``trainer_threads`` threads (or
 ``trainers`` processes under `torchrun`) in the foreground. The trainer pushes its weights to
 the servers after every step, and with ``--max-staleness K`` (in ``zero_args``) samples up to K
-steps ahead (``rl/pipeline.py``). When the trainer ends, or on Ctrl-C, the servers are stopped.
+steps ahead (``rl/pipeline.py``). With a fixed KL reference the servers hold it too
+(``aha serve --reference``) and return its log-probs with each completion, so the trainer does
+no reference forward. When the trainer ends, or on Ctrl-C, the servers are stopped.
 
     aha launch --servers 1 --server-threads 1 --trainer-threads 1 \\
         --zero-args "--recipe recipes/zero-countdown.yaml --max-staleness 1 --tis-cap 2"
@@ -119,6 +121,8 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
                 "--max-n", str(zcfg.group_size), "--max-tokens", str(zcfg.max_new_tokens),
                 "--max-batch-rows", str(max(64, zcfg.prompts_per_step * zcfg.group_size)),
                 "--max-inflight", "1024", "--batch-wait-ms", "20",
+                # a fixed KL reference: the servers compute its log-probs (server.py)
+                *(["--reference"] if zcfg.kl_coef > 0 and not zcfg.ref_refresh else []),
                 *shlex.split(cfg.server_args),
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))

@@ -69,6 +69,8 @@ class ServeConfig:
     """Bearer key a trainer sends to push new weights (POST /v1/weights, for `aha zero --rollout-server`); empty: $AHA_WEIGHTS_KEY; neither: weight updates are off."""
     engine: str = "torch"
     """Decoding step: torch (fused, rollout/compiled.py) or torch-eager (plain torch ops)."""
+    reference: bool = False
+    """Keep a frozen copy of the starting weights and return its log-probs of each completion on request: a trainer's KL reference, computed here instead of in the trainer (`aha launch` sets it)."""
 
     def __post_init__(self) -> None:
         if self.reasoning not in ("visible", "hidden"):
@@ -113,6 +115,7 @@ def build_service(cfg: ServeConfig, console: Console | None = None) -> Service:
         max_request_bytes=cfg.max_request_bytes,
         weights_key=cfg.push_key(),
         compile=cfg.engine == "torch",
+        reference=cfg.reference,
     )
 
 

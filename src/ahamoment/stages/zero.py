@@ -73,6 +73,7 @@ from ahamoment.rollout.base import engine_stats
 from ahamoment.rollout.server_engine import WEIGHT_SYNCS
 from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_linear_decay
+from ahamoment.server import state_sha
 from ahamoment.splits import excluded
 
 
@@ -234,8 +235,9 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     def reward_weights(self) -> dict[str, float]:
         return parse_weights(self.reward)
 
-    def rollout_engine(self) -> tuple[str, dict[str, Any]]:
-        """The engine's name and options: the server engine when rollout servers are given."""
+    def rollout_engine(self, reference_sha: str | None = None) -> tuple[str, dict[str, Any]]:
+        """The engine's name and options: the server engine when rollout servers are given
+        (``reference_sha``: servers holding that reference compute the KL anchor)."""
         if not self.rollout_server:
             return self.engine, {}
         return "server", {
@@ -244,6 +246,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             "api_key": os.environ.get("AHA_API_KEY", ""),
             "weight_sync": self.weight_sync,
             "max_n": self.group_size,
+            "reference_sha": reference_sha,
         }
 
     def loss_config(self) -> LossConfig:
@@ -328,7 +331,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     # rollouts and evaluations: an engine that decodes a module in this process gets a plain
     # copy with the LoRA adapters merged in (one matmul per projection), others (vLLM) the
     # adapted model for its path
-    engine_name, engine_options = cfg.rollout_engine()
+    ref_model = _reference(cfg, tr, accelerator.device)
+    # a fixed reference can be computed by rollout servers that hold the same weights
+    fixed_ref = ref_model is not None and not cfg.ref_refresh and cfg.rollout_server
+    engine_name, engine_options = cfg.rollout_engine(state_sha(ref_model) if fixed_ref else None)
     rollout_model = lora.sampling_model(model)
     if lora.is_lora(model) and getattr(ENGINES.get(engine_name), "decodes_module", False):
         rollout_model = lora.merged_copy(model, tr.base_path)
@@ -363,7 +369,6 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     optimizer = training.adamw(model, cfg, betas=training.RL_BETAS, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    ref_model = _reference(cfg, tr, accelerator.device)
     policy = accelerator.unwrap_model(model)  # the bare module: sampling and no-grad forwards
     restored = tr.restore(optimizer, scheduler)
     step = restored["step"]
