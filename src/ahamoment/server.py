@@ -261,7 +261,8 @@ class Row:
     """One completion: token ids -> text deltas -> stop cut -> reasoning split -> events.
 
     Events: ("delta", index, reasoning, content, logprob entries) and
-    ("finish", index, finish_reason, completion_tokens, reasoning_tokens, matched_stop, ids).
+    ("finish", index, finish_reason, completion_tokens, reasoning_tokens, matched_stop, ids,
+    reference log-probs or None, log-prob entries of an undetokenized row).
     """
 
     def __init__(self, job: Job, index: int, service: Service) -> None:
@@ -273,13 +274,13 @@ class Row:
         self.stop = StopFilter(job.params.stop)
         self.split = ThinkSplitter(service.reasoning == "visible") if job.split else None
         self.done: tuple | None = None  # a finish held back for the reference log-probs
+        self.lps: list[float] = []  # log-probs of a row that is not detokenized
 
     def token(self, token_id: int, logprob: float, finish: str | None) -> None:
         tok = self.service.tokenizer
         self.ids.append(token_id)
-        if not self.job.detokenize:  # ids and log-probs only: no per-token decoding
-            if self.job.logprobs:
-                self.job.put(("delta", self.index, "", "", [_logprob_entry("", logprob)]))
+        if not self.job.detokenize:  # ids and log-probs only: no per-token decoding, and one
+            self.lps.append(logprob)  # event per row instead of one per token
             if finish is not None:
                 self._finish(finish, 0, None)
             return
@@ -315,7 +316,9 @@ class Row:
             self.done = (finish, n_reason, hit)  # the batch computes them once it has ended
             return
         self.job.row_done()  # first: the request is released before its client hears back
-        self.job.put(("finish", self.index, finish, len(self.ids), n_reason, hit, self.ids, ref))
+        entries = [_logprob_entry("", x) for x in self.lps] if self.job.logprobs else []
+        event = ("finish", self.index, finish, len(self.ids), n_reason, hit, self.ids, ref, entries)
+        self.job.put(event)
 
     def _inject(self, delta: str, prev: int, text: str) -> str:
         """Test hook: the service's ``inject_reasoning`` text at the start of the thinking and
@@ -928,6 +931,7 @@ async def _collect(job: Job, prompt_len: int) -> tuple[list[dict[str, Any]], dic
             c["logprobs"] += ev[4]
         else:
             c["finish_reason"], c["stop"], c["ids"], c["ref"] = ev[2], ev[5], ev[6], ev[7]
+            c["logprobs"] += ev[8]
             tokens, reasoning, done = tokens + ev[3], reasoning + ev[4], done + 1
     return choices, _usage(prompt_len, tokens, reasoning)
 
