@@ -340,7 +340,7 @@ def test_hf_engine_sampled_logprobs_are_after_temperature_before_truncation(mode
 
 
 def test_engine_registry_and_weight_sync(models):
-    assert ENGINES.names() == ["hf", "openai", "torch", "torch-eager", "vllm"]
+    assert ENGINES.names() == ["hf", "openai", "server", "torch", "torch-eager", "vllm"]
     model = models["llama"]
     engine = make_engine("torch", model)
     assert isinstance(engine, Engine) and isinstance(make_engine("hf", model), Engine)

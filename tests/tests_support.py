@@ -3,7 +3,6 @@
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,15 +41,10 @@ def gqa_qwen2() -> Qwen2ForCausalLM:
 
 def wait_healthy(url: str, proc, timeout: float) -> None:
     """Poll ``url``/health until it answers; fail if ``proc`` (an `aha serve` Popen) exits or
-    ``timeout`` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "aha serve did not start"
-            time.sleep(0.2)
+    ``timeout`` seconds pass first (``aha launch``'s own wait)."""
+    from ahamoment.stages.launch import wait_healthy as wait
+
+    wait(url, proc, timeout)
 
 
 def free_port() -> int:

@@ -160,6 +160,15 @@ ENGINES: Registry[Any] = Registry("rollout engine")
 """Engine factories: ``ENGINES.get(name)(model, tokenizer, **options) -> Engine``."""
 
 
+def per_request(flat: Sequence[Completion], requests: Sequence[Any]) -> list[list[Completion]]:
+    """Completions in request order, ``n`` of them per request, as ``generate`` returns them."""
+    out, i = [], 0
+    for r in requests:
+        out.append(list(flat[i : i + r.n]))
+        i += r.n
+    return out
+
+
 def engine_stats(engine: Any) -> dict[str, int]:
     """An engine's fault and transfer counts since the last call (server engines), else {}."""
     take = getattr(engine, "take_stats", None)

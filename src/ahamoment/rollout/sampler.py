@@ -42,6 +42,7 @@ from ahamoment.rollout.base import (
     SamplingParams,
     StopStrings,
     TokenEvent,
+    per_request,
     resolve_pad_id,
 )
 from ahamoment.rollout.budget import BudgetState
@@ -576,11 +577,7 @@ class TorchEngine:
                 tokenizer=self.tokenizer,
                 compile=self.compile,
             )
-        out, i = [], 0
-        for r in requests:
-            out.append(flat[i : i + r.n])
-            i += r.n
-        return out
+        return per_request(flat, requests)
 
     def stream(
         self, request: Request, generator: torch.Generator | None = None

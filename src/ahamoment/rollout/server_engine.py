@@ -48,7 +48,14 @@ from safetensors.torch import save as save_safetensors
 
 from ahamoment import lora
 from ahamoment.registry import Registry
-from ahamoment.rollout.base import ENGINES, Completion, Request, SamplingParams, TokenEvent
+from ahamoment.rollout.base import (
+    ENGINES,
+    Completion,
+    Request,
+    SamplingParams,
+    TokenEvent,
+    per_request,
+)
 from ahamoment.rollout.budget import reject_budget
 
 WEIGHT_SYNCS: Registry[Any] = Registry("weight sync")
@@ -349,11 +356,7 @@ class ServerEngine:
                 g.seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         with ThreadPoolExecutor(min(self.concurrency, len(groups) or 1)) as pool:
             flat = [c for out in pool.map(self._one, groups) for c in out]
-        out, i = [], 0
-        for r in requests:
-            out.append(flat[i : i + r.n])
-            i += r.n
-        return out
+        return per_request(flat, requests)
 
     def stream(
         self, request: Request, generator: torch.Generator | None = None

@@ -86,7 +86,9 @@ def trainer_config(cfg: LaunchConfig):
     return cfglib.build(config_cls, recipe, **(args | {"rollout_server": "http://placeholder"}))
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll ``url``/health until it answers; ConnectionError if the server process ``proc``
+    exits or ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -128,7 +130,7 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
             urls.append(f"http://{cfg.host}:{port}")
         for url, proc in zip(urls, procs):
-            _wait(url, proc, cfg.start_timeout)
+            wait_healthy(url, proc, cfg.start_timeout)
         urls += [u.strip() for u in cfg.remote.split(",") if u.strip()]
         console.print(f"rollout servers: {', '.join(urls)}")
         zero = ["-m", "ahamoment.cli", "zero", *shlex.split(cfg.zero_args)]
