@@ -399,3 +399,13 @@ def test_a_server_reference_gives_the_trainers_kl_anchor(tiny_model, tiny_tokeni
     # and they are the reference's, not the pushed policy's
     policy = anchor(tiny_model, moved, batch, rewards, settings, "loss").ref_logp
     assert (policy - own).abs().max() > 1e-3
+
+
+def test_no_server_at_all_is_one_clear_error_at_once(tiny_tokenizer):
+    from tests_support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match="no rollout server answers at .*aha serve"):
+        ServerEngine(None, tiny_tokenizer, urls=[url])
+    assert time.monotonic() - t < 10  # not the 120 s a server lost mid-run is waited for

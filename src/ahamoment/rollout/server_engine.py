@@ -198,6 +198,12 @@ class ServerEngine:
                 self._hello(s)
             except ServerDown:
                 s.up = False
+        if not any(s.up for s in self.servers):  # a typo or servers not started: say so now
+            urls = ", ".join(s.url for s in self.servers)
+            raise ConnectionError(
+                f"no rollout server answers at {urls}: start `aha serve --weights-key KEY` "
+                "there first, or let `aha launch` start them"
+            )
 
     # -- servers --------------------------------------------------------------------------
     def _hello(self, s: _Server) -> None:
