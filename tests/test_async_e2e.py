@@ -83,3 +83,38 @@ def test_a_rollout_server_killed_mid_run_is_survived_and_counted(tiny_base, tmp_
     # groups in flight at the kill were sent again whole (counted; none trained half-received)
     assert all(r["groups_trained"] * 4 == 8 for r in rows)
     assert (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_launch_saves_the_trainer_stops_the_servers_and_resumes(tiny_base, tmp_path):
+    run, port = tmp_path / "run", free_port()
+    base_args = [*ZERO_TINY, *ASYNC, "--model", str(tiny_base), "--out", str(run)]
+    zero = " ".join([*base_args, "--steps", "40", "--save-every", "0"])
+    cmd = [sys.executable, "-m", "ahamoment.cli", "launch", "--port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a terminal's Ctrl-C reaches the whole foreground group: launch, servers and trainer
+    proc = subprocess.Popen(
+        [*cmd, "--zero-args", zero], cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(_rows(run)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    saved = sorted((run / "checkpoints").iterdir())
+    assert saved and "Interrupted: saved step" in out
+    step = int(saved[-1].name.split("-")[1])
+    assert step >= 3
+    with pytest.raises(OSError):  # the server went with it
+        import urllib.request
+
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+    # the same command with --resume continues from the saved step to the end
+    resume = " ".join([*base_args, "--steps", "40", "--save-every", "0", "--resume"])
+    res = aha("launch", "--port", str(port), "--zero-args", resume)
+    squeezed = "".join(res.stdout.split())  # rich wraps the long path
+    assert f"Resuming{run}fromstep{step}" in squeezed
+    assert [r["step"] for r in _rows(run)] == list(range(1, 41))

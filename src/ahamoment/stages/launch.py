@@ -5,7 +5,8 @@ Starts ``servers`` `aha serve` processes on ports ``port``, ``port + 1``, ... (e
 each answers, then runs `aha zero --rollout-server URLS` with ``trainer_threads`` threads (or
 ``trainers`` processes under `torchrun`) in the foreground. The trainer pushes its weights to
 the servers after every step, and with ``--max-staleness K`` (in ``zero_args``) samples up to K
-steps ahead (``rl/pipeline.py``). With a fixed KL reference the servers hold it too
+steps ahead (``rl/pipeline.py``). Ctrl-C (or SIGTERM) stops the trainer once, which saves a
+checkpoint; `--resume` with the run's `--out` in ``zero_args`` continues it. With a fixed KL reference the servers hold it too
 (``aha serve --reference``) and return its log-probs with each completion, so the trainer does
 no reference forward. When the trainer ends, or on Ctrl-C, the servers are stopped.
 
@@ -104,6 +105,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
             time.sleep(0.25)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
     console = console or Console()
     zcfg = trainer_config(cfg)
@@ -111,6 +116,7 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
         zcfg.model, zcfg.task, zcfg.pretrain_recipe, cfg.trainer_threads, console
     )
     key = os.environ.get("AHA_WEIGHTS_KEY") or secrets.token_hex(16)
+    signal.signal(signal.SIGTERM, _interrupt)  # kill: the same clean stop as Ctrl-C
     env = os.environ | {"AHA_WEIGHTS_KEY": key, "OMP_NUM_THREADS": str(cfg.server_threads)}
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
@@ -127,7 +133,10 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
                 *(["--reference"] if zcfg.kl_coef > 0 and not zcfg.ref_refresh else []),
                 *shlex.split(cfg.server_args),
             ]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+            # own sessions: a terminal's Ctrl-C reaches launch alone, which stops each child once
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+            )
             urls.append(f"http://{cfg.host}:{port}")
         for url, proc in zip(urls, procs):
             wait_healthy(url, proc, cfg.start_timeout)
@@ -142,13 +151,21 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
         else:
             cmd = [sys.executable, *zero]
         trainer_env = env | {"OMP_NUM_THREADS": str(cfg.trainer_threads)}
-        trainer = subprocess.Popen(cmd, env=trainer_env)
+        trainer = subprocess.Popen(cmd, env=trainer_env, start_new_session=True)
         try:
             code = trainer.wait()
-        except KeyboardInterrupt:  # the trainer saves and exits on the same Ctrl-C
+        except KeyboardInterrupt:  # one SIGINT: the trainer saves a checkpoint and exits
             trainer.send_signal(signal.SIGINT)
-            trainer.wait()
-            raise
+            while trainer.poll() is None:
+                try:
+                    trainer.wait()
+                except KeyboardInterrupt:  # a second Ctrl-C must not cut the save short
+                    continue
+            console.print(
+                "[yellow]Interrupted.[/] Resume: the same `aha launch` with --resume (and the "
+                "run's --out) in --zero-args"
+            )
+            raise SystemExit(130) from None
         if code:
             raise SystemExit(code)  # the trainer printed why
     finally:

@@ -403,8 +403,13 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
         if ranks.main and ref_model is not None and cfg.ref_refresh:
             ref_model.save_pretrained(str(path / "reference"))
 
+    unlogged: list[Any] = []  # the last step's row and samples until they are written
+
     def on_interrupt() -> None:
         pipeline.close()
+        if ranks.main and unlogged and unlogged[0]["step"] == step:  # trained, not yet logged
+            run.append("metrics.jsonl", unlogged[0])  # (an evaluation under way is dropped)
+            run.append("samples.jsonl", *unlogged[1])
         save(step)
         logger.close()
         console.print(
@@ -449,9 +454,9 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
                 ref_model.load_state_dict(lora.merged_state_dict(policy))
             t_train = time.time() - t1
-            step += 1
             # 6. log (rollout figures over everything sampled this step)
-            row = {"step": step, **rollout_metrics(sampled, cfg.group_size, reverse), **sampling}
+            row = {"step": step + 1, **rollout_metrics(sampled, cfg.group_size, reverse)}
+            row.update(sampling)
             row.update(overlong_masked=int((~in_loss).sum()), lr=scheduler.get_last_lr()[0])
             row.update({k: v for k, v in upd.items() if k != "train_tokens"})
             row.update(
@@ -461,13 +466,16 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                 train_tok_s=upd["train_tokens"] / max(t_train, 1e-9),
                 step_s=time.time() - t0,
             )
+            unlogged[:] = [row, _samples(step + 1, batch, cfg)]  # kept if Ctrl-C comes first
+            step += 1
             if ranks.main:  # rank 0 evaluates, logs and writes samples
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     ev = evals.run(evals.problems[: cfg.eval_n], 1000 + step)
                     row.update({f"eval/{k}": v for k, v in ev.items()})
                 run.append("metrics.jsonl", row)
                 logger.log(step, row)
-                run.append("samples.jsonl", *_samples(step, batch, cfg))
+                run.append("samples.jsonl", *unlogged[1])
+            unlogged.clear()
             info = (
                 f"reward {row['reward']:.2f}  acc {row['accuracy']:.2f}  len {row['len_mean']:.0f}"
             )
