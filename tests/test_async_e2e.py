@@ -89,7 +89,8 @@ def test_a_rollout_server_killed_mid_run_is_survived_and_counted(tiny_base, tmp_
 def test_ctrl_c_on_launch_saves_the_trainer_stops_the_servers_and_resumes(tiny_base, tmp_path):
     run, port = tmp_path / "run", free_port()
     base_args = [*ZERO_TINY, *ASYNC, "--model", str(tiny_base), "--out", str(run)]
-    zero = " ".join([*base_args, "--steps", "40", "--save-every", "0"])
+    # long enough that it cannot end between the third row and the signal (~0.1 s a step)
+    zero = " ".join([*base_args, "--steps", "200", "--save-every", "0"])
     cmd = [sys.executable, "-m", "ahamoment.cli", "launch", "--port", str(port)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # a terminal's Ctrl-C reaches the whole foreground group: launch, servers and trainer
@@ -113,8 +114,8 @@ def test_ctrl_c_on_launch_saves_the_trainer_stops_the_servers_and_resumes(tiny_b
 
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
     # the same command with --resume continues from the saved step to the end
-    resume = " ".join([*base_args, "--steps", "40", "--save-every", "0", "--resume"])
+    resume = " ".join([*base_args, "--steps", "200", "--save-every", "0", "--resume"])
     res = aha("launch", "--port", str(port), "--zero-args", resume)
     squeezed = "".join(res.stdout.split())  # rich wraps the long path
     assert f"Resuming{run}fromstep{step}" in squeezed
-    assert [r["step"] for r in _rows(run)] == list(range(1, 41))
+    assert [r["step"] for r in _rows(run)] == list(range(1, 201))
