@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from test_zero_e2e import ROOT, ZERO_TINY, aha
-from tests_support import free_port, wait_healthy
+from tests_support import default_sigint, free_port, wait_healthy
 
 KEY = "e2e-weights-key"
 ASYNC = ["--max-staleness", "1", "--tis-cap", "2"]
@@ -96,7 +96,7 @@ def test_ctrl_c_on_launch_saves_the_trainer_stops_the_servers_and_resumes(tiny_b
     # a terminal's Ctrl-C reaches the whole foreground group: launch, servers and trainer
     proc = subprocess.Popen(
         [*cmd, "--zero-args", zero], cwd=ROOT, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while len(_rows(run)) < 3:

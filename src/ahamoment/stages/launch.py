@@ -154,8 +154,10 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
         trainer = subprocess.Popen(cmd, env=trainer_env, start_new_session=True)
         try:
             code = trainer.wait()
-        except KeyboardInterrupt:  # one SIGINT: the trainer saves a checkpoint and exits
-            trainer.send_signal(signal.SIGINT)
+        except KeyboardInterrupt:  # one signal: the trainer saves a checkpoint and exits
+            # SIGTERM, which `aha zero` always handles; SIGINT may be ignored in a child that
+            # a shell started in the background
+            trainer.send_signal(signal.SIGTERM)
             while trainer.poll() is None:
                 try:
                     trainer.wait()
@@ -171,7 +173,7 @@ def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
     finally:
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)  # uvicorn: finish requests, then stop
         for proc in procs:
             try:
                 proc.wait(timeout=30)
