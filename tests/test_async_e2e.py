@@ -44,7 +44,9 @@ def test_launch_runs_servers_and_trainer_and_stops_the_servers(tiny_base, tmp_pa
     assert all(r["servers_up"] == 1 and r["groups_stale"] == 0 for r in rows)
     # K = 1: from the second step on, each batch was sampled one version behind the trainer
     assert all(r["staleness_mean"] <= 1 for r in rows) and rows[-1]["staleness_mean"] == 1
-    assert sum(r["weight_pushes"] for r in rows) >= 4  # a push after every step (+ the start)
+    # pushes are counted when a batch is sampled: the start's (version 0), then one after each
+    # step; the last batch (K = 1) waits only for version 2, so at least 3 are in the rows
+    assert sum(r["weight_pushes"] for r in rows) >= 3
     time.sleep(1)
     with pytest.raises(OSError):  # the server was stopped with the trainer
         import urllib.request

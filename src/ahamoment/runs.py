@@ -177,7 +177,7 @@ def load_run(path: str | Path, label: str = "") -> Run:
     )
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
@@ -186,7 +186,7 @@ def interruptible(on_interrupt: Callable[[], None] | None = None) -> Iterator[No
     """Ctrl-C or SIGTERM (``kill``) inside the block: run ``on_interrupt`` (save, say how to
     resume), then exit with status 130."""
     main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    old = signal.signal(signal.SIGTERM, raise_interrupt) if main else None
     try:
         yield
     except KeyboardInterrupt:

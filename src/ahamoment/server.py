@@ -102,6 +102,11 @@ from ahamoment.rollout.sampler import sample_stream
 
 log = logging.getLogger("ahamoment.serve")
 
+API_KEY_ENV = "AHA_API_KEY"
+"""Environment variable of the bearer key clients send (`aha serve`, and a trainer's requests)."""
+WEIGHTS_KEY_ENV = "AHA_WEIGHTS_KEY"
+"""Environment variable of the bearer key a trainer sends to push weights."""
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = ("<answer>", "</answer>")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ class StepSample:
     """The step's generator, after sampling: the trainer draws its minibatch order from it."""
     seconds: float = 0.0
     """Wall time of the sampling."""
-    waited: float = field(default=0.0)
+    waited: float = 0.0
     """Time the trainer waited for this batch (0 when it was ready)."""
 
 

@@ -36,24 +36,25 @@ IMPORTANCE: Registry = Registry("importance weight")
 """``IMPORTANCE.get(name)(old_logp, sampler_logp, mask, cap) -> (B, T)`` weights, no gradient."""
 
 
+def _ratio(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """``exp(old_logp - sampler_logp)`` per token (B, T); 1 at padding; no gradient."""
+    if cap <= 0:
+        raise ValueError(f"the importance cap must be positive, got {cap}")
+    log_w = (old_logp.detach() - sampler_logp.detach()).masked_fill(~mask.bool(), 0.0)
+    return torch.exp(log_w)
+
+
 @IMPORTANCE.register("truncate")
 def tis_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
     """``min(exp(old_logp - sampler_logp), cap)`` per token (B, T); 1 at padding; no gradient."""
-    if cap <= 0:
-        raise ValueError(f"the TIS cap must be positive, got {cap}")
-    keep = mask.bool()
-    log_w = (old_logp.detach() - sampler_logp.detach()).masked_fill(~keep, 0.0)  # (B, T)
-    return torch.exp(log_w).clamp(max=cap)
+    return _ratio(old_logp, sampler_logp, mask, cap).clamp(max=cap)
 
 
 @IMPORTANCE.register("mask")
 def masked_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
     """``exp(old_logp - sampler_logp)`` per token (B, T), 0 where it exceeds ``cap``; 1 at
     padding; no gradient (AReaL's decoupled objective)."""
-    if cap <= 0:
-        raise ValueError(f"the importance cap must be positive, got {cap}")
-    log_w = (old_logp.detach() - sampler_logp.detach()).masked_fill(~mask.bool(), 0.0)
-    w = torch.exp(log_w)  # (B, T)
+    w = _ratio(old_logp, sampler_logp, mask, cap)  # (B, T)
     return torch.where(w > cap, torch.zeros_like(w), w)
 
 

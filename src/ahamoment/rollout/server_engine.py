@@ -181,9 +181,8 @@ class ServerEngine:
         if not urls:
             raise ValueError("the server engine needs at least one server URL")
         push = WEIGHT_SYNCS.get(weight_sync)
-        self.servers = [_Server(u.rstrip("/").removesuffix("/v1"), None) for u in urls if u.strip()]
-        for s in self.servers:
-            s.push = push(s.url, weights_key, timeout)
+        bases = [u.strip().rstrip("/").removesuffix("/v1") for u in urls if u.strip()]
+        self.servers = [_Server(b, push(b, weights_key, timeout)) for b in bases]
         self.tokenizer, self.api_key = tokenizer, api_key
         self.concurrency, self.max_n, self.seeded = max(1, concurrency), max(1, max_n), seeded
         self.timeout, self.wait_s = timeout, wait_s

@@ -35,6 +35,8 @@ from rich.console import Console
 
 from ahamoment import config as cfglib
 from ahamoment.base_models import ensure_base_model
+from ahamoment.runs import raise_interrupt
+from ahamoment.server import WEIGHTS_KEY_ENV
 
 
 @dataclass
@@ -105,19 +107,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
             time.sleep(0.25)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def launch(cfg: LaunchConfig, console: Console | None = None) -> None:
     console = console or Console()
     zcfg = trainer_config(cfg)
     base = ensure_base_model(
         zcfg.model, zcfg.task, zcfg.pretrain_recipe, cfg.trainer_threads, console
     )
-    key = os.environ.get("AHA_WEIGHTS_KEY") or secrets.token_hex(16)
-    signal.signal(signal.SIGTERM, _interrupt)  # kill: the same clean stop as Ctrl-C
-    env = os.environ | {"AHA_WEIGHTS_KEY": key, "OMP_NUM_THREADS": str(cfg.server_threads)}
+    key = os.environ.get(WEIGHTS_KEY_ENV) or secrets.token_hex(16)
+    signal.signal(signal.SIGTERM, raise_interrupt)  # kill: the same clean stop as Ctrl-C
+    env = os.environ | {WEIGHTS_KEY_ENV: key, "OMP_NUM_THREADS": str(cfg.server_threads)}
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:

@@ -73,7 +73,7 @@ from ahamoment.rollout.base import engine_stats
 from ahamoment.rollout.server_engine import WEIGHT_SYNCS
 from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_linear_decay
-from ahamoment.server import state_sha
+from ahamoment.server import API_KEY_ENV, WEIGHTS_KEY_ENV, state_sha
 from ahamoment.splits import excluded
 
 
@@ -242,8 +242,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             return self.engine, {}
         return "server", {
             "urls": [u.strip() for u in self.rollout_server.split(",") if u.strip()],
-            "weights_key": self.weights_key or os.environ.get("AHA_WEIGHTS_KEY", ""),
-            "api_key": os.environ.get("AHA_API_KEY", ""),
+            "weights_key": self.weights_key or os.environ.get(WEIGHTS_KEY_ENV, ""),
+            "api_key": os.environ.get(API_KEY_ENV, ""),
             "weight_sync": self.weight_sync,
             "max_n": self.group_size,
             "reference_sha": reference_sha,
@@ -377,7 +377,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     if ranks.main:
         run.cut_after("metrics.jsonl", step)
         run.cut_after("samples.jsonl", step)
-    engine.sync_weights(lora.sampling_model(policy), version=step)
+    if step:  # resumed: the servers' weights carry the step's version
+        engine.sync_weights(lora.sampling_model(policy), version=step)
 
     def sample(s: int) -> StepSample:
         """Step s's rollouts and rewards: G completions for each of P fresh prompts."""
