@@ -23,6 +23,7 @@ from ahamoment.stages.zero import ZeroConfig
 
 SHIPPED = base_models.shipped_keys()
 ZERO_CODE = "recipes/zero-code.yaml"
+ZERO_AHA = "recipes/zero-aha.yaml"
 
 
 def _manifest(key: str) -> dict:
@@ -47,6 +48,8 @@ def test_the_bases_the_readme_starts_from_are_shipped():
         "r1": PretrainConfig(task="countdown", p_foreign=R1Config().p_foreign),
         # aha zero --recipe recipes/zero-code.yaml
         "code": cfglib.build(PretrainConfig, cfglib.build(ZeroConfig, ZERO_CODE).pretrain_recipe),
+        # aha zero --recipe recipes/zero-aha.yaml: the aha base (3.5M parameters)
+        "aha": cfglib.build(PretrainConfig, cfglib.build(ZeroConfig, ZERO_AHA).pretrain_recipe),
     }
     missing = {k: c.cache_key() for k, c in defaults.items() if c.cache_key() not in SHIPPED}
     assert missing == {}, "rebuild with `aha pretrain ... --out src/ahamoment/shipped/KEY`"
@@ -72,6 +75,17 @@ def test_ensure_base_model_takes_the_shipped_base_without_building(monkeypatch):
     monkeypatch.setattr(pretrain, "pretrain", no_build)
     key = PretrainConfig().cache_key()
     assert base_models.ensure_base_model("", "countdown") == base_models.SHIPPED / key
+
+
+def test_a_pretrain_recipe_keeps_its_own_task(monkeypatch):
+    # zero-aha.yaml evaluates on countdown_tinyzero_100 a base pretrained on countdown_levels:
+    # the run's task must not replace the recipe's (that would build another base)
+    from ahamoment.stages import pretrain
+
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("built a base"))
+    zero = cfglib.build(ZeroConfig, ZERO_AHA)
+    got = base_models.ensure_base_model("", zero.task, zero.pretrain_recipe)
+    assert got.parent == base_models.SHIPPED and got.name.startswith("countdown_levels-")
 
 
 def test_a_changed_file_or_a_changed_corpus_is_caught(tmp_path, monkeypatch):

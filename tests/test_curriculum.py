@@ -254,3 +254,10 @@ def test_names_and_options_are_checked() -> None:
         make_curriculum("adaptive", "countdown", frozenset(), target=1.0)
     with pytest.raises(TypeError):
         make_curriculum("adaptive", "countdown", frozenset(), widht=0.1)
+
+
+def test_the_tinyzero_form_climbs_the_countdown_levels() -> None:
+    # zero-aha.yaml trains with the adaptive curriculum and evaluates on the TinyZero form
+    for task in ("countdown_tinyzero_100", "countdown_levels"):
+        cur = make_curriculum("adaptive", task, frozenset())
+        assert list(cur.mix()) == LEVELS

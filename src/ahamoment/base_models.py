@@ -49,12 +49,17 @@ def ensure_base_model(
     model: str, task: str, recipe: str = "", threads: int = 0, console: Console | None = None
 ) -> Path:
     """``model`` if given; else the embedded base for ``task`` (or the model of the
-    `aha pretrain` YAML ``recipe``): shipped, cached, or built now (see the module docstring)."""
+    `aha pretrain` YAML ``recipe``, for its own task where it names one): shipped, cached, or
+    built now (see the module docstring)."""
     if model:
         return Path(model)
     from ahamoment import config as cfglib
     from ahamoment.stages.pretrain import PretrainConfig
 
+    # a recipe's own task wins: a base may be pretrained on other problems than the run's
+    # (zero-aha.yaml evaluates on countdown_tinyzero_100 a base built on countdown_levels)
+    if recipe and "task" in cfglib.read_recipe(recipe):
+        return embedded_base(cfglib.build(PretrainConfig, recipe, threads=threads), console)
     return embedded_base(
         cfglib.build(PretrainConfig, recipe or None, task=task, threads=threads), console
     )

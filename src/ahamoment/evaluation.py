@@ -35,6 +35,8 @@ from ahamoment.metrics import (
     length_stats,
     majority_vote,
     pass_at_k,
+    rejected_tries,
+    tries,
 )
 from ahamoment.prompts import encode_prompts, prompt_text, stop_ids, think_end_id
 from ahamoment.rewards import format_reward, judge
@@ -153,6 +155,8 @@ def score_problem(
         "finish": [s.finish_reason for s in samples],
         "reflection": [has_reflection(t) for t in texts],
         "self_correction": [is_self_correction(t) for t in texts],
+        "tries": [len(tries(t)) for t in texts],
+        "rejections": [list(rejections(problem, t)) for t in texts],
         "mixed": [is_mixed(t) for t in texts],
         "steps": [list(arithmetic_steps(t, reversed_digits)) for t in texts],
         "samples": texts,
@@ -168,9 +172,33 @@ def score_problem(
     return rec
 
 
+def rejections(problem: Problem, text: str) -> tuple[int, int]:
+    """(really wrong, readable) among the attempts a check rejected in ``text``
+    (``metrics.rejected_tries``): an attempt is readable where the task names its answer
+    (``tried_answer``), and really wrong where the verifier rejects that answer. (0, 0) for a
+    task without ``tried_answer``."""
+    task = get_task(problem.task)
+    read = getattr(task, "tried_answer", None)
+    wrong = n = 0
+    if read is None:
+        return 0, 0
+    for line in rejected_tries(text):
+        answer = read(line)
+        if answer is not None:
+            n += 1
+            wrong += not task.verify(problem, answer).correct
+    return wrong, n
+
+
 def _mean(xs: Sequence[Any]) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def ratio_of_sums(pairs: Sequence[Sequence[int]]) -> float | None:
+    """Sum of firsts over sum of seconds; None when the seconds sum to 0."""
+    den = sum(b for _, b in pairs)
+    return sum(a for a, _ in pairs) / den if den else None
 
 
 def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
@@ -179,8 +207,8 @@ def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> di
     over all steps (None without any). ``n`` counts problems; ``settings`` say how the
     samples were drawn (``SampleSettings`` plus the token budget)."""
 
-    def flat(key: str) -> list[Any]:
-        return [x for r in records for x in r[key]]
+    def flat(key: str) -> list[Any]:  # records saved before a key existed have none of it
+        return [x for r in records for x in r.get(key, ())]
 
     lengths = [x for x in flat("lengths") if x is not None]
     greedy = [r["greedy_correct"] for r in records if "greedy_correct" in r]
@@ -202,6 +230,11 @@ def summarize(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> di
         "mean_think": _mean(flat("think")),
         "reflection_rate": _mean([float(x) for x in flat("reflection")]),
         "self_correction_rate": _mean([float(x) for x in flat("self_correction")]),
+        "tries_mean": _mean(flat("tries")),
+        "reflection_correct_rate": _mean(
+            [float(x) for r in records for x, ok in zip(r["reflection"], r["correct"]) if ok]
+        ),
+        "check_precision": ratio_of_sums(flat("rejections")),
         "mixing_rate": _mean([float(x) for x in flat("mixed")]),
         "step_accuracy": sum(ok for ok, _ in steps) / step_total if step_total else None,
         "settings": settings,

@@ -95,6 +95,28 @@ def is_self_correction(text: str) -> bool:
     return False
 
 
+def tries(text: str) -> list[str]:
+    """The attempts in the reasoning: lines holding "=" that are not checks (no reflection
+    word), in order."""
+    thinking = _END_OF_THINKING_RE.split(text, maxsplit=1)[0]
+    return [ln for ln in thinking.splitlines() if "=" in ln and not has_reflection(ln)]
+
+
+def rejected_tries(text: str) -> list[str]:
+    """The attempts a check rejected: for each check line that ends in a rejection (as in
+    :func:`is_self_correction`), the nearest earlier attempt line; checks with no attempt
+    before them are skipped."""
+    thinking = _END_OF_THINKING_RE.split(text, maxsplit=1)[0]
+    out, last = [], None
+    for line in thinking.splitlines():
+        if has_reflection(line):
+            if last is not None and _REJECTION_RE.search(line.strip()):
+                out.append(last)
+        elif "=" in line:
+            last = line
+    return out
+
+
 def is_mixed(text: str) -> bool:
     """True when the reasoning (before ``</think>``/``<answer>``) holds any foreign-script
     character (language.py): the chain of thought is not purely in the target language."""

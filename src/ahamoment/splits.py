@@ -50,5 +50,9 @@ def heldout(task_name: str, n: int) -> list[Problem]:
 
 
 def excluded(task_name: str) -> frozenset[str]:
-    """Canonical keys never to train on: the reserved held-out set and real benchmark rows."""
-    return _split(task_name)[1]
+    """Canonical keys never to train on: the reserved held-out set and real benchmark rows,
+    and the held-out sets of the tasks a mixture draws from (``shares_heldout_with``)."""
+    out = _split(task_name)[1]
+    for other in getattr(get_task(task_name), "shares_heldout_with", ()):
+        out |= _split(other)[1]
+    return out

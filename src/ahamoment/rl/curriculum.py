@@ -66,9 +66,8 @@ gathered batch, so every rank holds the same curriculum state)::
 Observe *every* group that was sampled, including those a group filter dropped: an
 all-wrong or all-right group is exactly the evidence that a level is too hard or too easy.
 
-The Countdown levels beyond the default task are registered in ``TASKS`` (as
-``countdown_<level>``) when this module is imported, so scoring finds their verifier through
-``problem.task`` like any other task's.
+The Countdown levels are tasks of their own (``tasks.countdown.COUNTDOWN_LEVELS``, registered
+as ``countdown_<level>``), so scoring finds their verifier through ``problem.task``.
 """
 
 from __future__ import annotations
@@ -82,9 +81,9 @@ from typing import Any, Protocol
 
 from ahamoment.data import sample_excluding
 from ahamoment.registry import Registry
-from ahamoment.tasks import TASKS, get_task
+from ahamoment.tasks import get_task
 from ahamoment.tasks.base import Problem, Task
-from ahamoment.tasks.countdown import COUNTDOWN, Countdown
+from ahamoment.tasks.countdown import COUNTDOWN, COUNTDOWN_LEVELS, Countdown
 
 
 @dataclass(frozen=True)
@@ -121,29 +120,20 @@ LEVEL_SETS: Registry[Callable[[], list[Level]]] = Registry("level set")
 # --- levels ---------------------------------------------------------------------------------
 
 
-def _countdown_level(n: int, hi: int, ops: str) -> Level:
-    """``n`` numbers from 1 to ``hi`` with ``ops``, targets 1 to 100 (the real rows' range)."""
-    name = f"n{n}_{hi}_{'addsub' if ops == '+-' else 'all'}"
-    task_name = f"countdown_{name}"
-    if task_name not in TASKS:  # idempotent: countdown.py may register these one day
-        TASKS.add(task_name, Countdown(task_name, (n,), 1, hi, ops, max_target=100))
-    return Level(name, get_task(task_name))
-
-
-_COUNTDOWN_LEVELS = (
-    Level("n3_25_addsub", COUNTDOWN),  # the default task: 3 numbers 1..25, + and -
-    _countdown_level(3, 99, "+-"),
-    _countdown_level(3, 99, "+-*/"),  # with n4 below: the two halves of countdown_tinyzero_100
-    _countdown_level(4, 99, "+-*/"),
-    _countdown_level(5, 99, "+-*/"),
-)
+def _level_name(task: Countdown) -> str:
+    return task.name.removeprefix("countdown_") if task is not COUNTDOWN else "n3_25_addsub"
 
 
 @LEVEL_SETS.register("countdown")
 def countdown_levels() -> list[Level]:
     """Countdown levels, easiest first: 3 numbers to 25 with + -; 3 numbers to 99 with + -;
     then 3, 4 and 5 numbers to 99 with + - * /, targets up to 100."""
-    return list(_COUNTDOWN_LEVELS)
+    return [Level(_level_name(t), t) for t in COUNTDOWN_LEVELS]
+
+
+# the TinyZero form (evaluated on) and the levels' mixture climb the same levels
+LEVEL_SETS.add("countdown_tinyzero_100", countdown_levels)
+LEVEL_SETS.add("countdown_levels", countdown_levels)
 
 
 # --- observations ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from ahamoment.data import sample_excluding
 from ahamoment.distributed import Ranks, seed_blocks, seeded_generator
-from ahamoment.evaluation import generate
+from ahamoment.evaluation import generate, ratio_of_sums, rejections
 from ahamoment.logprobs import completion_logprobs
 from ahamoment.metrics import (
     has_reflection,
@@ -31,6 +31,7 @@ from ahamoment.metrics import (
     length_stats,
     mixing_rate,
     step_accuracy,
+    tries,
 )
 from ahamoment.prompts import encode_prompts
 from ahamoment.rewards import RewardBatch, format_reward, score, task_stats
@@ -202,6 +203,12 @@ def sample_groups(
     )
 
 
+def _mean_where(values, mask) -> float | None:
+    """Mean of ``values`` where ``mask`` is true; None where it never is."""
+    picked = [float(v) for v, m in zip(values, mask) if m]
+    return sum(picked) / len(picked) if picked else None
+
+
 def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = False) -> dict:
     """Rollout figures of a scored batch (rewards before any overlong or KL shaping), plus
     the task's own figures as ``task/<key>`` where it has ``batch_stats`` (tasks/base.py)."""
@@ -226,6 +233,11 @@ def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = Fal
         "truncated_rate": [c.finish_reason for c in batch.completions].count("length") / B,
         "reflection_rate": sum(map(has_reflection, texts)) / B,
         "self_correction_rate": sum(map(is_self_correction, texts)) / B,
+        # is the search real: attempts per completion, checks among correct completions, and
+        # the share of check-rejected attempts that the verifier rejects too
+        "tries_mean": sum(len(tries(t)) for t in texts) / B,
+        "reflection_correct_rate": _mean_where(map(has_reflection, texts), rb.correct),
+        "check_precision": ratio_of_sums([rejections(p, t) for p, t in zip(batch.problems, texts)]),
         "step_accuracy": step_accuracy(texts, reversed_digits),
         "mixing_rate": mixing_rate(texts),
         **task_stats(batch.problems, texts),  # task/<key>: a task's own figures, if it has any

@@ -90,6 +90,13 @@ class PretrainConfig:
     reversed_digits: bool = False
     """Corpus: write the reasoning's numbers least-significant digit first (the answer stays
     standard): each digit then depends only on digits already written and the carry."""
+    search_order: str = "random"
+    """Corpus (Countdown): the order of a trace's tries: "random" (every left-to-right chain,
+    shuffled) or "strategy" (sums and differences of the numbers largest first, then a product
+    or quotient of two, then a bracketed sum times a third; tasks/countdown.py)."""
+    named_tries: bool = False
+    """Corpus (Countdown): start each try with its expression in standard digits
+    ("58+82-4:85+28=041,...") so the answer copies it rather than turning reversed digits back."""
     p_template: float = 0.25
     """Share of documents whose prompt is the full R1-Zero template (the rest: "User: … Assistant:")."""
     vocab_size: int = 512
@@ -139,6 +146,9 @@ class PretrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if set(self.search_ops) - set("+-*/"):
             raise ValueError(f"search_ops must be a subset of '+-*/', got {self.search_ops!r}")
+        from ahamoment.tasks.countdown import SEARCH_ORDERS
+
+        SEARCH_ORDERS.get(self.search_order)  # an unknown name is one line naming the choices
         if self.tokens < self.block * self.batch_size:
             raise ValueError("tokens must cover at least one batch (block x batch_size)")
 
@@ -156,6 +166,8 @@ class PretrainConfig:
             ("inline_target", True),
             ("guess_first", False),
             ("reversed_digits", False),
+            ("search_order", "random"),
+            ("named_tries", False),
             ("check_by_difference", False),
         ):
             if keyed[name] == default:

@@ -225,6 +225,11 @@ PANELS: list[Panel] = [
     Panel("Accuracy: train and held-out", ["accuracy", "eval/pass1"], "accuracy"),
     Panel("Completion length", ["len_mean", "len_p90"], "tokens"),
     Panel("Reflection", ["reflection_rate", "self_correction_rate"], "rate"),
+    # is the search real: tries per completion, checks among correct completions, and the
+    # share of check-rejected attempts the verifier rejects too (tasks that name their tries)
+    Panel("Attempts per completion", ["tries_mean", "eval/tries_mean"], "tries"),
+    Panel("Checks", ["reflection_correct_rate", "check_precision"], "rate"),
+    Panel("Curriculum level mix", [], "share of groups", prefix_keys="curriculum/"),
     Panel("Language mixing", ["mixing_rate"], "rate", skip_if_zero=True),
     Panel("Entropy", ["entropy"], "nats / token"),
     Panel("KL to reference", ["kl"], "kl"),

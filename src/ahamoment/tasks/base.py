@@ -70,6 +70,14 @@ class TraceNoise:
     """Write every number in the reasoning least-significant digit first (58+82=140 becomes
     85+28=041): each digit then depends only on digits already written and the carry, which
     small transformers learn far more reliably (Lee et al. 2023). The answer stays standard."""
+    search_order: str = "random"
+    """How a Countdown trace orders its tries (``tasks.countdown.SEARCH_ORDERS``): "random"
+    (every left-to-right chain, shuffled) or "strategy" (sums and differences first, then a
+    product or quotient, then a bracketed sum times a number)."""
+    named_tries: bool = False
+    """Start each Countdown try with its expression in standard notation
+    (``58+82-4:85+28=041,...``), so the answer copies it instead of turning reversed digits
+    back."""
     check_by_difference: bool = False
     """A 'wait,check:' line subtracts the smaller of result and target from the larger
     (``wait,check:16-15=1,no``; a hit gives ``16-16=0,yes``) instead of recomputing the last
@@ -92,6 +100,9 @@ class Task:
     - ``batch_stats(problems, verdicts) -> dict[str, float]``: the task's own figures of a
       scored batch (the code task: counts by sandbox status), logged every GRPO step as
       ``task/<key>`` (``rewards.task_stats``, ``rl.rollouts.rollout_metrics``).
+    - ``tried_answer(line) -> str | None``: the answer a reasoning line tries, where the line
+      names one (Countdown's named tries); it lets ``evaluation.rejections`` ask whether a
+      candidate that a check rejected was really wrong.
     """
 
     name: str = ""
