@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from math import comb, gcd
+from typing import TypeVar
 
 from ahamoment.data import DataError, read_jsonl, row_id, show
 from ahamoment.language import to_foreign
@@ -441,58 +442,57 @@ def _reachable(nums: tuple[int, ...], ops: str, max_target: int | None) -> tuple
 @lru_cache(maxsize=200_000)
 def _reachable_int(nums: tuple[int, ...], ops: str, max_target: int | None) -> tuple[int, ...]:
     """As ``_reachable``, over binary trees whose every intermediate result is an integer >= 0."""
-    n = len(nums)
-    by_mask: dict[int, set[int]] = {1 << i: {v} for i, v in enumerate(nums)}
-    for mask in range(1, 1 << n):
-        if mask in by_mask:
-            continue
-        out: set[int] = set()
-        sub = (mask - 1) & mask
-        while sub:
-            rest = mask ^ sub
-            if sub < rest:  # each unordered split once; both operand orders below
-                for a in by_mask[sub]:
-                    for b in by_mask[rest]:
-                        if "+" in ops:
-                            out.add(a + b)
-                        if "-" in ops:
-                            out.add(abs(a - b))
-                        if "*" in ops:
-                            out.add(a * b)
-                        if "/" in ops:
-                            if b and a % b == 0:
-                                out.add(a // b)
-                            if a and b % a == 0:
-                                out.add(b // a)
-            sub = (sub - 1) & mask
-        by_mask[mask] = out
-    top = by_mask[(1 << n) - 1]
+    top = _subset_values(list(nums), lambda a, b: _combine_int(a, b, ops))
     return tuple(sorted(v for v in top if v > 0 and (max_target is None or v <= max_target)))
+
+
+def _combine_int(a: int, b: int, ops: str) -> list[int]:
+    out = []
+    if "+" in ops:
+        out.append(a + b)
+    if "-" in ops:
+        out.append(abs(a - b))
+    if "*" in ops:
+        out.append(a * b)
+    if "/" in ops:
+        if b and a % b == 0:
+            out.append(a // b)
+        if a and b % a == 0:
+            out.append(b // a)
+    return out
 
 
 Rational = tuple[int, int]
 """(numerator, denominator) in lowest terms, denominator > 0: integer pairs, cheaper than
 ``fractions.Fraction``."""
 
+V = TypeVar("V")
 
-def _tree_values(nums: tuple[int, ...], ops: str) -> set[Rational]:
-    """Every value of every binary tree over ``nums`` (each used once) with ``ops``."""
-    n = len(nums)
-    by_mask: dict[int, set[Rational]] = {1 << i: {(v, 1)} for i, v in enumerate(nums)}
+
+def _subset_values(leaves: list[V], combine: Callable[[V, V], list[V]]) -> set[V]:
+    """Every value of every binary tree over ``leaves`` (each used once); ``combine(a, b)``
+    gives the values of a node over subtrees of values a and b, in both operand orders."""
+    n = len(leaves)
+    by_mask: dict[int, set[V]] = {1 << i: {v} for i, v in enumerate(leaves)}
     for mask in range(1, 1 << n):
         if mask in by_mask:
             continue
-        out: set[Rational] = set()
+        out: set[V] = set()
         sub = (mask - 1) & mask
         while sub:
             rest = mask ^ sub
-            if sub < rest:  # each unordered split once; both operand orders are tried below
+            if sub < rest:  # each unordered split once; combine tries both operand orders
                 for a in by_mask[sub]:
                     for b in by_mask[rest]:
-                        out.update(_combine(a, b, ops))
+                        out.update(combine(a, b))
             sub = (sub - 1) & mask
         by_mask[mask] = out
     return by_mask[(1 << n) - 1]
+
+
+def _tree_values(nums: tuple[int, ...], ops: str) -> set[Rational]:
+    """Every value of every binary tree over ``nums`` (each used once) with ``ops``."""
+    return _subset_values([(v, 1) for v in nums], lambda a, b: _combine(a, b, ops))
 
 
 def _reduced(p: int, q: int) -> Rational:
