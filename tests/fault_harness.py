@@ -118,7 +118,10 @@ def launch(argv: list[str], env: dict[str, str], log: Path, kill: Kill | None = 
             seen = now
             deadline = now + kill.at
         if deadline is not None and now >= deadline:
-            os.kill(p.pid, signal.SIGKILL)
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended (and was reaped) since is_alive(): not killed
+                pass
             break
         time.sleep(0.005)
     p.join()
