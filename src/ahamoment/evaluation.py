@@ -179,9 +179,9 @@ def rejections(problem: Problem, text: str) -> tuple[int, int]:
     task without ``tried_answer``."""
     task = get_task(problem.task)
     read = getattr(task, "tried_answer", None)
-    wrong = n = 0
     if read is None:
         return 0, 0
+    wrong = n = 0
     for line in rejected_tries(text):
         answer = read(line)
         if answer is not None:

@@ -49,6 +49,7 @@ def heldout(task_name: str, n: int) -> list[Problem]:
     return list(_split(task_name)[0][:n])
 
 
+@cache
 def excluded(task_name: str) -> frozenset[str]:
     """Canonical keys never to train on: the reserved held-out set and real benchmark rows,
     and the held-out sets of the tasks a mixture draws from (``shares_heldout_with``)."""

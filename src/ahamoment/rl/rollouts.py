@@ -215,6 +215,7 @@ def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = Fal
     B = len(batch)
     rb, texts = batch.rewards, batch.texts
     lens = length_stats(batch.lengths)
+    reflects = [has_reflection(t) for t in texts]
     return {
         "reward": sum(rb.total) / B,
         **{f"reward/{k}": sum(v) / B for k, v in rb.components.items()},
@@ -231,12 +232,12 @@ def rollout_metrics(batch: Rollout, group_size: int, reversed_digits: bool = Fal
         "len_mean": lens["mean"],
         "len_p90": lens["p90"],
         "truncated_rate": [c.finish_reason for c in batch.completions].count("length") / B,
-        "reflection_rate": sum(map(has_reflection, texts)) / B,
+        "reflection_rate": sum(reflects) / B,
         "self_correction_rate": sum(map(is_self_correction, texts)) / B,
         # is the search real: attempts per completion, checks among correct completions, and
         # the share of check-rejected attempts that the verifier rejects too
         "tries_mean": sum(len(tries(t)) for t in texts) / B,
-        "reflection_correct_rate": _mean_where(map(has_reflection, texts), rb.correct),
+        "reflection_correct_rate": _mean_where(reflects, rb.correct),
         "check_precision": ratio_of_sums([rejections(p, t) for p, t in zip(batch.problems, texts)]),
         "step_accuracy": step_accuracy(texts, reversed_digits),
         "mixing_rate": mixing_rate(texts),
