@@ -95,6 +95,20 @@ def test_reward_weights_parse():
         ZeroConfig(reward="accurcy=1")
 
 
+def test_a_recipe_names_another_relative_to_itself_and_a_flag_relative_to_cwd(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "z.yaml").write_text("pretrain_recipe: p.yaml\n")
+    monkeypatch.chdir(tmp_path / "recipes")  # the run starts elsewhere
+    cfg = cfglib.build(ZeroConfig, tmp_path / "recipes" / "z.yaml")
+    assert cfg.pretrain_recipe == str(tmp_path / "recipes" / "p.yaml")
+    cfg = cfglib.build(ZeroConfig, tmp_path / "recipes" / "z.yaml", pretrain_recipe="q.yaml")
+    assert cfg.pretrain_recipe == "q.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert cfglib.build(ZeroConfig, "recipes/z.yaml").pretrain_recipe == "recipes/p.yaml"
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads(recipe):
     assert RECIPES, "no recipes found"
@@ -102,6 +116,9 @@ def test_every_recipe_loads(recipe):
     cls = cli._load(cli.COMMANDS[recipe.name.split("-")[0]])[0]  # the stage the name starts with
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text
+    for name, value in cfglib.to_dict(cfg).items():  # a recipe a recipe names exists
+        if name.endswith("_recipe") and value:
+            assert Path(value).is_file(), f"{recipe.name}: {name}: {value}"
     # the header says what the recipe does, in 5 lines or fewer (results live in docs/results)
     header = [ln for ln in text.split("\n\n")[0].splitlines() if ln.startswith("#")]
     assert 1 <= len(header) <= 5, f"{recipe.name}: {len(header)} header lines"
@@ -117,10 +134,11 @@ RECOMMENDED = {
 
 
 @pytest.mark.parametrize("stage", sorted(RECOMMENDED))
-def test_a_bare_stage_runs_its_recommended_recipe(stage):
+def test_a_bare_stage_runs_its_recommended_recipe(stage, monkeypatch):
     # `aha zero` with no flags is `aha zero --recipe recipes/zero-countdown.yaml`, field by field
     cls = cli._load(cli.COMMANDS[stage])[0]
-    recipe = Path(__file__).parent.parent / "recipes" / RECOMMENDED[stage]
+    monkeypatch.chdir(Path(__file__).parent.parent)  # the defaults name recipes from the root
+    recipe = Path("recipes") / RECOMMENDED[stage]
     bare, recommended = cfglib.to_dict(cfglib.build(cls)), cfglib.to_dict(cfglib.build(cls, recipe))
     assert {k: v for k, v in bare.items() if recommended[k] != v} == {}
 

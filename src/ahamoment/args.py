@@ -25,7 +25,7 @@ class ModelArgs:
     model: str = ""
     """Local Hugging Face causal-LM directory. Empty: the embedded default for --task, built by `aha pretrain` on first use and cached."""
     pretrain_recipe: str = ""
-    """With no --model: the `aha pretrain` YAML recipe of the base model to build or reuse (empty: `aha pretrain`'s defaults)."""
+    """With no --model: the `aha pretrain` YAML recipe of the base model to build or reuse; in a recipe, relative to that recipe (empty: `aha pretrain`'s defaults)."""
     task: str = "countdown"
     """Task trained and evaluated on: countdown, countdown_tinyzero, countdown_tinyzero_100, arithmetic, math, or an import path pkg.mod:obj."""
 

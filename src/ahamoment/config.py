@@ -198,7 +198,11 @@ def build(cls: type[C], recipe: str | Path | None = None, **overrides: Any) -> C
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{where}: unknown field {key!r} for {cls.__name__}{hint}")
             tp = _field_type(cls, names[key])
-            values[key] = _coerce(value, tp, f"{where}: field {key!r}")
+            value = _coerce(value, tp, f"{where}: field {key!r}")
+            if source != "command line" and key.endswith("_recipe") and value:
+                # a recipe names another recipe relative to itself, so it runs from any folder
+                value = str(Path(source).parent / value)
+            values[key] = value
             wheres[key] = where
     try:
         return cls(**values)
