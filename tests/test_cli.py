@@ -22,7 +22,7 @@ def test_command_table_matches_stage_modules(name):
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_help_lists_every_field_with_its_doc(name, capsys):
-    config_cls, _ = cli._load(cli.COMMANDS[name])
+    config_cls, _ = cli.load_stage(cli.COMMANDS[name])
     with pytest.raises(SystemExit) as e:
         cli.main([name, "--help"])
     assert e.value.code == 0
@@ -59,3 +59,13 @@ def test_two_word_command_is_the_hyphenated_one(capsys):
         cli.main(["distill", "generate", "--help"])
     assert e.value.code == 0
     assert "--teacher" in capsys.readouterr().out
+
+
+def test_launch_reads_its_trainer_flags_as_aha_zero_does(capsys):
+    from ahamoment.stages.launch import LaunchConfig, trainer_config
+
+    cfg = trainer_config(LaunchConfig(zero_args="--steps 7 --recipe recipes/zero-countdown.yaml"))
+    assert (cfg.steps, cfg.group_size) == (7, 8)  # the flag over the recipe
+    with pytest.raises(SystemExit) as e:  # a typo stops before any server starts
+        trainer_config(LaunchConfig(zero_args="--stepz 7"))
+    assert e.value.code == 2 and "did you mean --steps" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_field_docs_are_read_from_source():
     }
 
 
-STAGE_CONFIGS = [cli._load(c)[0] for c in cli.COMMANDS.values()]
+STAGE_CONFIGS = [cli.load_stage(c)[0] for c in cli.COMMANDS.values()]
 
 
 @pytest.mark.parametrize("cls", STAGE_CONFIGS, ids=lambda c: c.__name__)
@@ -113,7 +113,9 @@ def test_a_recipe_names_another_relative_to_itself_and_a_flag_relative_to_cwd(
 def test_every_recipe_loads(recipe):
     assert RECIPES, "no recipes found"
     text = recipe.read_text()
-    cls = cli._load(cli.COMMANDS[recipe.name.split("-")[0]])[0]  # the stage the name starts with
+    cls = cli.load_stage(cli.COMMANDS[recipe.name.split("-")[0]])[
+        0
+    ]  # the stage the name starts with
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text
     for name, value in cfglib.to_dict(cfg).items():  # a recipe a recipe names exists
@@ -136,7 +138,7 @@ RECOMMENDED = {
 @pytest.mark.parametrize("stage", sorted(RECOMMENDED))
 def test_a_bare_stage_runs_its_recommended_recipe(stage, monkeypatch):
     # `aha zero` with no flags is `aha zero --recipe recipes/zero-countdown.yaml`, field by field
-    cls = cli._load(cli.COMMANDS[stage])[0]
+    cls = cli.load_stage(cli.COMMANDS[stage])[0]
     monkeypatch.chdir(Path(__file__).parent.parent)  # the defaults name recipes from the root
     recipe = Path("recipes") / RECOMMENDED[stage]
     bare, recommended = cfglib.to_dict(cfglib.build(cls)), cfglib.to_dict(cfglib.build(cls, recipe))

@@ -104,7 +104,8 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _load(cmd: Command) -> tuple[type, Callable[..., Any]]:
+def load_stage(cmd: Command) -> tuple[type, Callable[..., Any]]:
+    """The stage's config dataclass and its entry function."""
     import importlib
 
     module = importlib.import_module(f"ahamoment.stages.{cmd.module}")
@@ -153,14 +154,21 @@ def _parser(name: str, cmd: Command, config_cls: type) -> argparse.ArgumentParse
     return parser
 
 
-def run_stage(name: str, argv: list[str] | None) -> int:
+def stage_config(name: str, argv: list[str] | None, **overrides: Any) -> Any:
+    """The config ``aha NAME ARGV`` runs (``overrides`` on top of its flags); a bad flag exits
+    with one line, a bad value raises ``cfglib.ConfigError``."""
     cmd = COMMANDS[name]
-    config_cls, fn = _load(cmd)
+    config_cls, _ = load_stage(cmd)
     args = vars(_parser(name, cmd, config_cls).parse_args(argv))
     recipe = args.pop("recipe", None)
+    return cfglib.build(config_cls, recipe, **(args | overrides))
+
+
+def run_stage(name: str, argv: list[str] | None) -> int:
+    _, fn = load_stage(COMMANDS[name])
     console = Console(stderr=False)
     try:
-        cfg = cfglib.build(config_cls, recipe, **args)
+        cfg = stage_config(name, argv)
     except cfglib.ConfigError as e:
         _error(console, str(e))
         return 2

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from ahamoment import config as cfglib
 from ahamoment.base_models import ensure_base_model
 from ahamoment.runs import raise_interrupt
 from ahamoment.server import WEIGHTS_KEY_ENV
@@ -78,15 +77,10 @@ class LaunchConfig:
 def trainer_config(cfg: LaunchConfig):
     """The trainer's `ZeroConfig` as `aha zero` would build it from ``zero_args`` (so a bad
     flag fails here, before any server starts)."""
-    from ahamoment.cli import COMMANDS, _load, _parser
+    from ahamoment.cli import stage_config
 
-    config_cls, _ = _load(COMMANDS["zero"])
-    args = vars(
-        _parser("zero", COMMANDS["zero"], config_cls).parse_args(shlex.split(cfg.zero_args))
-    )
-    recipe = args.pop("recipe", None)
     # validated with a placeholder server, as `aha zero --rollout-server` will be
-    return cfglib.build(config_cls, recipe, **(args | {"rollout_server": "http://placeholder"}))
+    return stage_config("zero", shlex.split(cfg.zero_args), rollout_server="http://placeholder")
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
