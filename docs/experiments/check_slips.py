@@ -1,8 +1,10 @@
 """What the checks of an aha run have to catch: false "yes" verdicts per window of RL steps.
 
     python docs/experiments/check_slips.py RUN_DIR [RUN_DIR ...] [--window 50]
+    python docs/experiments/check_slips.py EVAL_DIR [EVAL_DIR ...]
 
-Reads the rollouts a run logged (``samples.jsonl``, written by `aha zero`) on the aha base's
+Reads the rollouts a run logged (``samples.jsonl``, written by `aha zero`), or every sample of
+an `aha eval` output directory (``results.jsonl``, one line for all), on the aha base's
 named-try format (``49+32-6:94+23=18,18-6=57|57,yes``: the expression, its steps with digits
 reversed, then the target and the verdict). For every try line it evaluates the named
 expression exactly and prints, per window of steps:
@@ -103,6 +105,19 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50)
     args = ap.parse_args()
     for run in args.runs:
+        if (run / "results.jsonl").exists():  # an `aha eval` directory: one line for all
+            rows = [
+                {"problem": r["question"], "completion": c}
+                for r in map(json.loads, (run / "results.jsonl").open())
+                for c in r["samples"]
+            ]
+            s = window_stats(rows)
+            print(
+                f"{run} | {len(rows)} completions | {s['tries']} tries | P(yes / miss) "
+                f"{s['p_yes_miss']:.3f} | P(no / hit) {s['p_no_hit']:.3f} | false yes checked "
+                f"{s['checked']:.2f} of {s['false_yes']}"
+            )
+            continue
         rows = [json.loads(ln) for ln in (run / "samples.jsonl").open()]
         last = max(r["step"] for r in rows)
         print(f"\n{run}\n| steps | tries | P(yes / miss) | P(no / hit) | false yes checked |")
