@@ -7,7 +7,7 @@ Reads the rollouts a run logged (``samples.jsonl``, written by `aha zero`), or e
 an `aha eval` output directory (``results.jsonl``, one line for all), on the aha base's
 named-try format (``49+32-6:94+23=18,18-6=57|57,yes``: the expression, its steps with digits
 reversed, then the target and the verdict). For every try line it evaluates the named
-expression exactly and prints, per window of steps:
+expression exactly (``tasks.expr.evaluate``) and prints, per window of steps:
 
 - tries: try lines read;
 - P(yes | miss): share of tries whose expression misses the target but whose verdict is "yes"
@@ -27,48 +27,18 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from ahamoment.tasks.expr import ExprError, evaluate
+
 TRY = re.compile(r"^([\d+\-*/()]+):.*\|\d+,(yes|no)$")
 TARGET = re.compile(r"equals (\d+)")
 
 
-def value(expr: str) -> Fraction | None:
-    """The exact value of an arithmetic expression over integers (None if it cannot be read)."""
-    tokens = re.findall(r"\d+|[+\-*/()]", expr)
-    pos = 0
-
-    def atom() -> Fraction:
-        nonlocal pos
-        tok = tokens[pos]
-        pos += 1
-        if tok == "(":
-            v = expr_()
-            pos += 1  # ")"
-            return v
-        return Fraction(int(tok))
-
-    def term() -> Fraction:
-        nonlocal pos
-        v = atom()
-        while pos < len(tokens) and tokens[pos] in "*/":
-            op = tokens[pos]
-            pos += 1
-            v = v * atom() if op == "*" else v / atom()
-        return v
-
-    def expr_() -> Fraction:
-        nonlocal pos
-        v = term()
-        while pos < len(tokens) and tokens[pos] in "+-":
-            op = tokens[pos]
-            pos += 1
-            v = v + term() if op == "+" else v - term()
-        return v
-
+def value(text: str) -> Fraction | None:
+    """The exact value of a tried expression (None if it cannot be read)."""
     try:
-        v = expr_()
-    except (IndexError, ValueError, ZeroDivisionError):
+        return evaluate(text)[0]
+    except ExprError:
         return None
-    return v if pos == len(tokens) else None
 
 
 def window_stats(rows: list[dict]) -> dict[str, float | int]:
