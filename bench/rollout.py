@@ -40,12 +40,15 @@ multiply-add per token; the attention: q.k and p.v, one multiply-add each per he
 per key, per head, per layer). Norms, RoPE, softmax and sampling are not counted, nor the
 prompt's prefill beyond its last token, so the figure is a lower bound on the work done.
 
-Every run pins one torch thread (two threads on a loaded 2-core box stall by up to 50x). The
-last line is ``rollout_speedup=X`` for the embedded default.
+Every run pins one torch thread unless ``--threads`` says otherwise (two threads on a loaded
+2-core box stall by up to 50x; on an idle one they show what ``aha zero`` gets from both
+cores: its runs use every core, and our attention splits its rows over them). The last line
+is ``rollout_speedup=X`` for the embedded default.
 
     python bench/rollout.py                      # both models, 5 repeats (~15 min)
     python bench/rollout.py --quick              # smoke: 4 x 2 sequences, 16 tokens, 1 repeat
     python bench/rollout.py --models default --repeats 9
+    python bench/rollout.py --models default --threads 2   # both cores, on an idle machine
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def time_call(fn: Callable[[], int]) -> tuple[float, int]:
 
 
 def matmul_gflops(n: int = 2048, tries: int = 3) -> float:
-    """GFLOP/s of an n x n fp32 matmul on this thread (the best of ``tries``)."""
+    """GFLOP/s of an n x n fp32 matmul on torch's threads (the best of ``tries``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = min(time_call(lambda: (a @ b, 0)[1])[0] for _ in range(tries))
@@ -260,13 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--skip-hf-compiled", action="store_true", help="leave out hf_compiled (it compiles ~1 min)"
     )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads for every side and the matmul"
+    )
     args = ap.parse_args(argv)
     sz = Sizes(repeats=args.repeats)
     if args.quick:
         sz = Sizes(prompts=4, group=2, new_tokens=16, repeats=1)
     names = [m for m in MODELS if m in args.models.split(",")]  # default always last
     sides = tuple(s for s in SIDES if not (args.skip_hf_compiled and s == "hf_compiled"))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     console = Console(width=120)
     console.print(
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_model(name, path, sz, sides, console))
 
     table = Table(
-        title=f"Rollout tokens/s (median of rounds 1-{sz.repeats}; 1 thread) and first calls"
+        title=f"Rollout tokens/s (median of rounds 1-{sz.repeats}; {args.threads} thread(s)) "
+        "and first calls"
     )
     for col in ("model", "side", "tok/s", "first call", "ours vs side", "steady", "GFLOP/s"):
         table.add_column(col, justify="left" if col in ("model", "side") else "right")

@@ -10,6 +10,7 @@ error (a wrong mask or a missing key moves log-probs by > 1e-2).
 """
 
 import random
+import sys
 import warnings
 
 import pytest
@@ -197,3 +198,27 @@ def test_budget_forcing_rows_match_eager(tiny_model):
     params = SamplingParams(temperature=1.0, max_new_tokens=12, budget=budget)
     eager, fused = _both(tiny_model, prompts, params, seed=13)
     _assert_same(eager, fused)
+
+
+def test_rows_split_over_threads_equal_one_thread(gqa_model, monkeypatch):
+    # attention's slots split over torch's threads (OpenMP): each slot's arithmetic is the same
+    # whatever the split, so tokens and log-probs are bit for bit those of one thread; 23 rows
+    # (an odd split) ending at their own lengths, so the cache is compacted on the way
+    lib = compiled.kernels(gqa_model.model.layers[0].self_attn.head_dim)
+    prompts = _prompts(23, gqa_model.config.vocab_size, seed=14, hi=20)
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=4 + i, stop_ids=(9,))
+        for i in range(len(prompts))
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if sys.platform.startswith("linux"):  # gcc links the libgomp torch already loaded
+            assert compiled.threads(lib) == 2
+        split = sample(gqa_model, prompts, params, torch.Generator().manual_seed(5), compile=True)
+        monkeypatch.setattr(compiled, "threads", lambda lib: 1)
+        one = sample(gqa_model, prompts, params, torch.Generator().manual_seed(5), compile=True)
+    finally:
+        torch.set_num_threads(before)
+    assert [(c.ids, c.logprobs) for c in split] == [(c.ids, c.logprobs) for c in one]
+    assert len({len(c.ids) for c in one}) > 2

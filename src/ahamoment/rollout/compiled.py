@@ -17,7 +17,10 @@ The kernels are plain C, built per machine and head size with the system C compi
 else gcc or cc) into the ahamoment cache (``kernels/``), keyed by the source, the compiler and
 the CPU, and loaded with ctypes: a compile the first time, a ``dlopen`` afterwards. No shapes
 are compiled in, so batch size, prompt and completion lengths never rebuild anything.
-The kernels run on the calling thread only; the matrix products use torch's thread count.
+Attention and SiLU split their rows over torch's thread count with OpenMP, on torch's own
+thread pool: the build links the runtime torch already loaded (libgomp on Linux). Where it
+cannot (no OpenMP, or a second runtime would be loaded), they run on the calling thread; the
+matrix products always use torch's threads.
 
 Why not ``torch.compile``: inductor's CPU code for the same step recomputed RoPE inside every
 dot product of its attention and summed each dot horizontally, and took far longer to compile
@@ -45,6 +48,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -66,6 +70,9 @@ _C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define INLINE static inline __attribute__((always_inline))
 #ifndef HEAD_DIM
@@ -110,8 +117,12 @@ void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y
     }
 }
 
-/* a = silu(gu[:, :I]) * gu[:, I:]: gu (S, 2I), a (S, I). */
-void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I) {
+/* a = silu(gu[:, :I]) * gu[:, I:]: gu (S, 2I), a (S, I); rows split over nthreads. */
+void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
+              int64_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 16)
+#endif
     for (int64_t s = 0; s < S; s++) {
         const float *g = gu + s * 2 * I, *u = g + I;
         float *as = a + s * I;
@@ -242,18 +253,29 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
    kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
    prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
    out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
-   h / (H / Hkv)). scratch: (H / Hkv) (D + Lp + T + 2 TILE) floats. */
+   h / (H / Hkv)). scratch: nthreads blocks of per_thread >= (H / Hkv) (D + Lp + T + 2 TILE)
+   floats. Slots are split over nthreads OpenMP threads (each slot's arithmetic is the same
+   whatever the split, so results do not depend on it). */
 void attn_decode(const float *restrict qkv, const float *restrict cos_t,
                  const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
                  float *restrict vc, const float *restrict kp, const float *restrict vp,
                  const int64_t *restrict rp, const int64_t *restrict pstart,
-                 float *restrict out, float *restrict scratch, int64_t S, int64_t H,
-                 int64_t Hkv, int64_t D, int64_t T, int64_t Lp, int64_t t, float scaling) {
+                 float *restrict out, float *restrict scratch, int64_t per_thread,
+                 int64_t nthreads, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t T,
+                 int64_t Lp, int64_t t, float scaling) {
     const int64_t rep = H / Hkv, stride = (H + 2 * Hkv) * D, nmax = Lp + T;
     const int64_t kstride = (T + TILE - 1) / TILE * TILE * D;
     const int64_t pkstride = (Lp + TILE - 1) / TILE * TILE * D;
-    float *q = scratch, *sc = scratch + rep * D;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 8)
+#endif
     for (int64_t s = 0; s < S; s++) {
+#ifdef _OPENMP
+        float *q = scratch + omp_get_thread_num() * per_thread;
+#else
+        float *q = scratch;
+#endif
+        float *sc = q + rep * D;
         const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
         const int64_t u = rp[s], p0 = pstart[u];
         for (int64_t g = 0; g < Hkv; g++) {
@@ -323,18 +345,20 @@ void sample_rows(const float *restrict logits, const float *restrict scale,
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "rmsnorm": [_P, _P, _P, _I64, _I64, _F32],
-    "silu_mul": [_P, _P, _I64, _I64],
-    "attn_decode": [_P] * 12 + [_I64] * 7 + [_F32],
+    "silu_mul": [_P, _P, _I64, _I64, _I64],
+    "attn_decode": [_P] * 12 + [_I64] * 9 + [_F32],
     "sample_rows": [_P] * 7 + [_I64, _I64],
 }
-# Tried in order: the build machine's vector ISA, then portable code. -fno-trapping-math lets
-# the compiler if-convert the clamps in exp_ (torch itself is built with it); neither flag
-# changes results, only which instructions compute them.
-_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+# Tried in order: the build machine's vector ISA with OpenMP (attention's slots split over
+# torch's threads), without it, then portable code. -fno-trapping-math lets the compiler
+# if-convert the clamps in exp_ (torch itself is built with it); no flag changes results, only
+# which instructions and threads compute them.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 _COMMON = ["-std=c11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
 _warned: set[str] = set()
 _libs: dict[int, ctypes.CDLL] = {}  # by head size
+_threaded: set[int] = set()  # ids of the libraries that may split work over torch's threads
 _lib_error: str | None = None
 
 
@@ -358,6 +382,25 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _one_openmp_runtime() -> bool:
+    """Whether this process has exactly one OpenMP runtime mapped (Linux), so that the
+    kernels' parallel loops run on the thread pool torch's own ops use. With two runtimes each
+    pool would spin on the cores the other needs; the kernels then stay on one thread."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    names = re.compile(r"/lib(?:g|i|)omp[^/]*\.so[^/]*$")
+    found = {ln.split()[-1] for ln in maps.splitlines() if names.search(ln)}
+    return len(found) == 1
+
+
+def threads(lib: ctypes.CDLL) -> int:
+    """Threads the kernels of ``lib`` split their rows over: torch's intra-op count where the
+    build has OpenMP sharing torch's runtime, else 1."""
+    return torch.get_num_threads() if id(lib) in _threaded else 1
+
+
 def _build(cc: str, flags: list[str], out: Path) -> None:
     """Compile, then link (without any math flags: linking with -ffast-math would pull in
     crtfastmath.o, which changes the whole process's denormal handling)."""
@@ -366,7 +409,7 @@ def _build(cc: str, flags: list[str], out: Path) -> None:
         src.write_text(_C_SOURCE)
         for cmd in (
             [cc, *_COMMON, *flags, "-c", str(src), "-o", str(obj)],
-            [cc, "-shared", str(obj), "-o", str(so), "-lm"],
+            [cc, "-shared", str(obj), "-o", str(so), "-lm", *(f for f in flags if "openmp" in f)],
         ):
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(so, out)  # atomic: a concurrent build of the same key is harmless
@@ -411,6 +454,8 @@ def kernels(head_dim: int = 64) -> ctypes.CDLL:
             for name, args in _SIGNATURES.items():
                 getattr(lib, name).argtypes = args
                 getattr(lib, name).restype = None
+            if "-fopenmp" in flags and _one_openmp_runtime():
+                _threaded.add(id(lib))
             _libs[head_dim] = lib
             return lib
     _lib_error = "could not build the fused decoding kernels: " + "; ".join(errors)
@@ -553,8 +598,9 @@ class FusedLlama:
         self.tok = torch.empty(S, dtype=torch.int64, device=rp.device)
         self.lp = torch.empty(S, **new)
         rep = self.H // self.Hkv
-        attn = rep * (self.D + self.Lp + self.T + 2 * _TILE)
-        self.scratch = torch.empty(max(attn, 2 * V), **new)
+        self.threads = threads(self.lib)
+        self.per_thread = rep * (self.D + self.Lp + self.T + 2 * _TILE)  # attention's scratch
+        self.scratch = torch.empty(max(self.threads * self.per_thread, 2 * V), **new)
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the cache when at most 3/4 of its
@@ -604,6 +650,8 @@ class FusedLlama:
                 self.pstart.data_ptr(),
                 o.data_ptr(),
                 self.scratch.data_ptr(),
+                self.per_thread,
+                self.threads,
                 S,
                 self.H,
                 self.Hkv,
@@ -616,7 +664,7 @@ class FusedLlama:
             h.addmm_(o, w["o"])
             lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
             torch.mm(x, w["gu"], out=gu)
-            lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I)
+            lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
             h.addmm_(a, w["down"])
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
         torch.mm(x, self.lm_head, out=self.logits)
