@@ -151,6 +151,10 @@ class _RowBuckets:
     Why buckets of 4: one call per row spends more on per-call work (slices, concatenations
     and their backward) than on arithmetic, and large buckets pay for padding and for a
     masked kernel over longer rows (timings: docs/results/performance.md).
+
+    Every bucket's rows are gathered by one ``index_select`` per tensor and layer, then split:
+    a gather per bucket would make its backward write a zero-filled gradient of the whole
+    stream per bucket and sum them all.
     """
 
     BUCKET = 4
@@ -164,9 +168,10 @@ class _RowBuckets:
             start.append(s)
             s += m
         order = sorted(range(len(seg)), key=lambda r: -seg[r][2])
-        self.buckets = []  # (R*M,) stream index, (R,) prompt, (R, 1, M, Lp+M) mask
+        self.buckets = []  # (R, M, (R, 1, M, Lp+M) mask) per bucket
         back = [0] * N  # stream position -> row of the concatenated bucket outputs
         at = 0
+        flat_all, u_all = [], []
         for b in range(0, len(order), self.BUCKET):
             rows = order[b : b + self.BUCKET]
             M = seg[rows[0]][2]
@@ -181,8 +186,12 @@ class _RowBuckets:
             mask = torch.cat(
                 [valid[u][:, None, :].expand(-1, M, -1), causal.expand(len(rows), -1, -1)], -1
             )[:, None]
-            self.buckets.append((torch.tensor(flat, dtype=torch.long, device=device), u, mask))
+            self.buckets.append((len(rows), M, mask))
+            flat_all += flat
+            u_all.append(u)
         self.back = torch.tensor(back, dtype=torch.long, device=device)
+        self.flat = torch.tensor(flat_all, dtype=torch.long, device=device)  # (sum R*M,)
+        self.u = torch.cat(u_all) if u_all else torch.zeros(0, dtype=torch.long, device=device)
 
     def attend(self, q, k, v, keys_p, values_p, scale: float) -> torch.Tensor:
         """q (N, H, D), k and v (N, Hkv, D) of the stream; keys_p and values_p (U, Hkv, Lp, D)
@@ -191,15 +200,16 @@ class _RowBuckets:
         if not self.buckets:
             return q.new_zeros((0, H * D))
         outs = []
-        for flat, u, mask in self.buckets:
-            R, M = mask.shape[0], mask.shape[2]
-            qb, kb, vb = (
-                t.index_select(0, flat).view(R, M, -1, D).transpose(1, 2) for t in (q, k, v)
-            )
+        sizes, counts = [R * M for R, M, _ in self.buckets], [R for R, _, _ in self.buckets]
+        qs, ks, vs = (t.index_select(0, self.flat).split(sizes) for t in (q, k, v))
+        kps, vps = (t.index_select(0, self.u).split(counts) for t in (keys_p, values_p))
+        for (R, M, mask), *parts in zip(self.buckets, qs, ks, vs, kps, vps):
+            qb, kb, vb = (t.view(R, M, -1, D).transpose(1, 2) for t in parts[:3])
+            kpb, vpb = parts[3:]  # (R, Hkv, Lp, D): the rows' prompts
             o = F.scaled_dot_product_attention(
                 qb,
-                torch.cat([keys_p.index_select(0, u), kb], dim=2),  # (R, Hkv, Lp + M, D)
-                torch.cat([values_p.index_select(0, u), vb], dim=2),
+                torch.cat([kpb, kb], dim=2),  # (R, Hkv, Lp + M, D)
+                torch.cat([vpb, vb], dim=2),
                 attn_mask=mask,
                 scale=scale,
                 enable_gqa=Hkv != H,
