@@ -1,5 +1,9 @@
-"""The trainer's packed log-prob forward and backward with LoRA: one merged product per
-projection (``lora_linear.py``) against peft's own LoRA layers, one thread.
+"""The trainer's packed log-prob forward and backward with LoRA, two ways side by side.
+
+``--compare lora`` (the default): one merged product per projection (``lora_linear.py``)
+against peft's own LoRA layers. ``--compare gather``: every attention bucket's rows gathered
+by one ``index_select`` per tensor and layer (``logprobs._RowBuckets.GATHER_ONCE``) against one
+gather per bucket.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
 every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
@@ -9,10 +13,11 @@ sides alternate ``--repeats`` times on the same batches; each timing is the medi
 ``--steps`` back-to-back calls after one warm-up call. The speedup is the median of the ratios
 of back-to-back pairs.
 
-    python bench/train_step.py            # ~1 min
-    python bench/train_step.py --quick    # smoke
+    python bench/train_step.py                              # ~1 min
+    python bench/train_step.py --compare gather --threads 2 # as aha zero runs on 2 cores
+    python bench/train_step.py --quick                      # smoke
 
-The last line is ``train_step_speedup=X``.
+The last line is ``train_step_speedup=X`` (``gather_speedup=X`` for ``--compare gather``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 
 import torch
 
-from ahamoment import lora, lora_linear
+from ahamoment import logprobs, lora, lora_linear
 from ahamoment.base_models import shipped_model
 from ahamoment.logprobs import completion_logprobs
 from ahamoment.stages.pretrain import PretrainConfig
@@ -45,8 +50,9 @@ def batch(seed: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, completions
 
 
-def time_side(model, batches, merged: bool) -> float:
+def time_side(model, batches, merged: bool, once: bool = True) -> float:
     lora_linear.ENABLED = merged
+    logprobs._RowBuckets.GATHER_ONCE = once
     times = []
     for i, (p, c) in enumerate(batches):
         t = time.perf_counter()
@@ -63,10 +69,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="Alternations of the two sides.")
     ap.add_argument("--steps", type=int, default=4, help="Timed calls per side and repeat.")
     ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
+    ap.add_argument(
+        "--compare", choices=("lora", "gather"), default="lora", help="What to compare."
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads.")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.steps = 1, 1
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = shipped_model(PretrainConfig().cache_key())
     if base is None:
@@ -80,17 +90,28 @@ def main() -> None:
     batches = [batch(s, vocab) for s in range(args.steps + 1)]
     tokens = sum(len(c) for c in batches[0][1])
     ratios, rows = [], []
+    gather = args.compare == "gather"
     for r in range(args.repeats):
-        peft_s = time_side(model, batches, merged=False)
-        ours_s = time_side(model, batches, merged=True)
-        ratios.append(peft_s / ours_s)
-        rows.append((r, peft_s, ours_s))
-    lora_linear.ENABLED = True
-    print(f"batch: 128 rows, {tokens} completion tokens in the first; one thread")
-    print("repeat  peft LoRA (s)  merged product (s)  ratio")
+        if gather:
+            before_s = time_side(model, batches, merged=True, once=False)
+            ours_s = time_side(model, batches, merged=True, once=True)
+        else:
+            before_s = time_side(model, batches, merged=False)
+            ours_s = time_side(model, batches, merged=True)
+        ratios.append(before_s / ours_s)
+        rows.append((r, before_s, ours_s))
+    lora_linear.ENABLED, logprobs._RowBuckets.GATHER_ONCE = True, True
+    print(f"batch: 128 rows, {tokens} completion tokens in the first; {args.threads} thread(s)")
+    heads = (
+        ("gather per bucket (s)", "gather once (s)")
+        if gather
+        else ("peft LoRA (s)", "merged product (s)")
+    )
+    print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:
-        print(f"{r:>6}  {a:>13.3f}  {b:>18.3f}  {a / b:.2f}")
-    print(f"train_step_speedup={statistics.median(ratios):.2f}")
+        print(f"{r:>6}  {a:>{len(heads[0])}.3f}  {b:>{len(heads[1])}.3f}  {a / b:.2f}")
+    name = "gather_speedup" if gather else "train_step_speedup"
+    print(f"{name}={statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -65,11 +65,14 @@ def test_gradients_match_unpadded_forward(tiny_model):
     tiny_model.zero_grad()
 
 
+@pytest.mark.parametrize("gather_once", [True, False])
 @pytest.mark.parametrize("bucket", [1, 2, 100])
-def test_rows_per_attention_call_change_nothing(tiny_model, monkeypatch, bucket):
+def test_rows_per_attention_call_change_nothing(tiny_model, monkeypatch, bucket, gather_once):
     """The packed path attends a few rows per call, padded to the bucket's longest; any bucket
-    size gives the values and gradients of one full forward per row (the hf path ignores it)."""
+    size, gathered once per layer or per bucket, gives the values and gradients of one full
+    forward per row (the hf path ignores it)."""
     monkeypatch.setattr(LP._RowBuckets, "BUCKET", bucket)
+    monkeypatch.setattr(LP._RowBuckets, "GATHER_ONCE", gather_once)
     p, c = _batch(tiny_model.config.vocab_size, seed=3)
     weights = torch.randn(len(c), 6)
     out = {}

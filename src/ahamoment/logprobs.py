@@ -153,11 +153,12 @@ class _RowBuckets:
     masked kernel over longer rows (timings: docs/results/performance.md).
 
     Every bucket's rows are gathered by one ``index_select`` per tensor and layer, then split:
-    a gather per bucket would make its backward write a zero-filled gradient of the whole
-    stream per bucket and sum them all.
+    a gather per bucket makes its backward write a zero-filled gradient of the whole stream per
+    bucket and sum them all (``GATHER_ONCE = False``, kept for ``bench/train_step.py``).
     """
 
     BUCKET = 4
+    GATHER_ONCE = True
 
     def __init__(self, seg, row_u, valid: torch.Tensor, N: int) -> None:
         """seg: (row, prompt length, stream tokens) of each row in stream order; row_u: each
@@ -201,8 +202,13 @@ class _RowBuckets:
             return q.new_zeros((0, H * D))
         outs = []
         sizes, counts = [R * M for R, M, _ in self.buckets], [R for R, _, _ in self.buckets]
-        qs, ks, vs = (t.index_select(0, self.flat).split(sizes) for t in (q, k, v))
-        kps, vps = (t.index_select(0, self.u).split(counts) for t in (keys_p, values_p))
+        if self.GATHER_ONCE:
+            qs, ks, vs = (t.index_select(0, self.flat).split(sizes) for t in (q, k, v))
+            kps, vps = (t.index_select(0, self.u).split(counts) for t in (keys_p, values_p))
+        else:
+            flats, us = self.flat.split(sizes), self.u.split(counts)
+            qs, ks, vs = ([t.index_select(0, f) for f in flats] for t in (q, k, v))
+            kps, vps = ([t.index_select(0, u) for u in us] for t in (keys_p, values_p))
         for (R, M, mask), *parts in zip(self.buckets, qs, ks, vs, kps, vps):
             qb, kb, vb = (t.view(R, M, -1, D).transpose(1, 2) for t in parts[:3])
             kpb, vpb = parts[3:]  # (R, Hkv, Lp, D): the rows' prompts
