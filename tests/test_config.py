@@ -113,9 +113,8 @@ def test_a_recipe_names_another_relative_to_itself_and_a_flag_relative_to_cwd(
 def test_every_recipe_loads(recipe):
     assert RECIPES, "no recipes found"
     text = recipe.read_text()
-    cls = cli.load_stage(cli.COMMANDS[recipe.name.split("-")[0]])[
-        0
-    ]  # the stage the name starts with
+    stage = recipe.name.split("-")[0]  # the stage the name starts with
+    cls, _ = cli.load_stage(cli.COMMANDS[stage])
     cfg = cfglib.build(cls, recipe)
     assert isinstance(cfg, cls) and text
     for name, value in cfglib.to_dict(cfg).items():  # a recipe a recipe names exists

@@ -193,6 +193,8 @@ class _RowBuckets:
         self.back = torch.tensor(back, dtype=torch.long, device=device)
         self.flat = torch.tensor(flat_all, dtype=torch.long, device=device)  # (sum R*M,)
         self.u = torch.cat(u_all) if u_all else torch.zeros(0, dtype=torch.long, device=device)
+        self.sizes = [R * M for R, M, _ in self.buckets]  # stream rows per bucket
+        self.counts = [R for R, _, _ in self.buckets]  # rows (prompts) per bucket
 
     def attend(self, q, k, v, keys_p, values_p, scale: float) -> torch.Tensor:
         """q (N, H, D), k and v (N, Hkv, D) of the stream; keys_p and values_p (U, Hkv, Lp, D)
@@ -201,7 +203,7 @@ class _RowBuckets:
         if not self.buckets:
             return q.new_zeros((0, H * D))
         outs = []
-        sizes, counts = [R * M for R, M, _ in self.buckets], [R for R, _, _ in self.buckets]
+        sizes, counts = self.sizes, self.counts
         if self.GATHER_ONCE:
             qs, ks, vs = (t.index_select(0, self.flat).split(sizes) for t in (q, k, v))
             kps, vps = (t.index_select(0, self.u).split(counts) for t in (keys_p, values_p))
