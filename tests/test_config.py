@@ -148,7 +148,7 @@ def test_a_shared_field_keeps_its_doc_where_a_stage_changes_its_default():
     from ahamoment.args import HeldoutArgs, LoraArgs
     from ahamoment.stages.sft import SFTConfig
 
-    assert ZeroConfig().lora_rank == 4 and SFTConfig(data="x").lora_rank == 0
+    assert ZeroConfig().lora_rank == 8 and SFTConfig(data="x").lora_rank == 0
     assert ZeroConfig().max_new_tokens == 192 and HeldoutArgs().max_new_tokens == 128
     for cls in (ZeroConfig, SFTConfig):
         assert cfglib.field_docs(cls)["lora_rank"] == cfglib.field_docs(LoraArgs)["lora_rank"]

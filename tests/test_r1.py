@@ -15,7 +15,8 @@ from rich.console import Console
 
 from ahamoment.metrics import is_mixed
 from ahamoment.rewards import format_reward, judge
-from ahamoment.stages.r1 import R1Config, cold_start_data, run_stage
+from ahamoment.stages.r1 import R1Config, cold_start_data, rl_config, run_stage
+from ahamoment.stages.zero import ZeroConfig
 from ahamoment.tasks import get_task
 from test_zero_e2e import ROOT, TINY, _env, aha
 
@@ -76,6 +77,26 @@ def test_config_checks(tmp_path):
         R1Config(rl_steps=0)
     with pytest.raises(ValueError):
         R1Config(cold_start_max_frac=0.0)
+    with pytest.raises(ValueError):
+        R1Config(overlong_buffer=0)
+    with pytest.raises(ValueError):
+        R1Config(kl_coef=-0.1)
+    with pytest.raises(ValueError):
+        R1Config(minibatches=0)
+
+
+def test_the_rl_stages_take_kl_and_overlong_ramp_from_r1_over_the_rl_recipe(tmp_path):
+    # r1's budget is its own, so the ramp within it is too: a recipe's longer ramp would cover
+    # every token of r1's 128
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(
+        "kl_coef: 0.2\noverlong_buffer: 128\nlora_rank: 8\nminibatches: 4\nlr: 2.0e-3\n"
+    )
+    cfg = R1Config(kl_coef=0.07, overlong_buffer=40, lora_rank=2, rl_recipe=str(recipe))
+    zc = rl_config(cfg, ZeroConfig, tmp_path / "base", 5, cfg.rl_reward(), tmp_path / "s")
+    assert (zc.kl_coef, zc.overlong_buffer, zc.lora_rank, zc.minibatches) == (0.07, 40, 2, 1)
+    assert zc.lr == 2.0e-3  # what r1 leaves to the recipe
+    assert (zc.max_new_tokens, zc.steps) == (128, 5)
 
 
 def test_a_budget_too_short_for_any_trace_says_which_flags_to_raise(tmp_path, tiny_tokenizer):

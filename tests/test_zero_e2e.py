@@ -72,7 +72,13 @@ def test_readme_recipe_runs_through_the_cli(tiny_base, tmp_path):
     recipe = str(ROOT / "recipes" / "zero-countdown.yaml")
     aha("zero", "--recipe", recipe, "--model", str(tiny_base), *ZERO_TINY, "--out", str(run))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["lora_rank"] == 4 and cfg["kl_coef"] == 0.05 and cfg["steps"] == 4
+    want = yaml.safe_load(Path(recipe).read_text())
+    assert want["lora_rank"] > 0 and want["kl_coef"] > 0  # adapters and an anchor, as said
+    assert (cfg["lora_rank"], cfg["kl_coef"], cfg["steps"]) == (
+        want["lora_rank"],
+        want["kl_coef"],
+        4,
+    )
     final = load_file(str(run / "final" / "model.safetensors"))
     base = load_file(str(tiny_base / "model.safetensors"))
     assert final.keys() == base.keys()  # no adapter weights left over

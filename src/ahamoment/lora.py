@@ -1,4 +1,4 @@
-"""LoRA through peft, for `aha zero` (the default recipe trains rank-4 adapters) and `aha sft`.
+"""LoRA through peft, for `aha zero` (the default recipe trains rank-8 adapters) and `aha sft`.
 
 With ``lora_rank > 0`` the policy is ``peft.get_peft_model(base, LoraConfig(...))``: the base
 weights are frozen and only the adapters train (and sit in the optimizer). What leaves the

@@ -3,9 +3,12 @@ minibatches x μ epochs of optimizer steps on the chosen policy loss.
 
 Deviations from GRPO as published, all chosen by config (registries in ``rl/``):
 
-- old-policy log-probs come from one no-grad forward before the first update only when a
-  rollout batch makes several optimizer steps (or the KL placement needs them); with exactly
-  one step they are the current log-probs, detached (ratio 1, the same gradient);
+- old-policy log-probs are needed only when a rollout batch makes several optimizer steps (or
+  the KL placement needs them); with exactly one step they are the current log-probs,
+  detached (ratio 1, the same gradient). Where they are needed, ``OLD_LOGP`` says where they
+  come from: one no-grad forward before the first update (``forward``), or the sampler's own
+  log-probs (``sampler``) when it decoded these very weights in this process: the same
+  policy to float rounding (``sampler_mismatch`` logs the gap), without the forward;
 - the sampler's own log-probs are a diagnostic (``sampler_mismatch``) and, with
   ``tis_cap > 0``, the behaviour policy of a truncated importance weight (``rl/tis.py``);
 - with no reference model, rows whose advantage is exactly 0 (all-equal groups) skip their
@@ -23,6 +26,7 @@ syncs gradients. Statistics are summed over ranks before they are averaged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import astuple, dataclass, fields, replace
 from typing import Any
@@ -33,6 +37,7 @@ from torch import Tensor
 
 from ahamoment.distributed import Ranks
 from ahamoment.logprobs import completion_logprobs, right_pad
+from ahamoment.registry import Registry
 from ahamoment.rl.kl import KL_ESTIMATORS, KL_PLACEMENTS
 from ahamoment.rl.losses import POLICY_LOSSES, LossConfig, Norm, masked_mean
 from ahamoment.rl.rollouts import Rollout
@@ -66,6 +71,8 @@ class UpdateSettings:
     """How the weight is capped (``IMPORTANCE``): truncate (TIS) or mask (AReaL)."""
     max_grad_norm: float = 1.0
     pad_id: int = 0
+    old_logp: str = "forward"
+    """Where old-policy log-probs come from when they are needed (``OLD_LOGP``)."""
 
     @property
     def updates(self) -> int:
@@ -122,7 +129,7 @@ def anchor(
     T, pad = settings.temperature, settings.pad_id
     old = ref = None
     if settings.updates > 1 or (ref_model is not None and needs_old):
-        old = sharded_logprobs(policy, batch, T, pad, ranks)  # (B, Lc)
+        old = OLD_LOGP.get(settings.old_logp)(policy, batch, settings, ranks)  # (B, Lc)
     if ref_model is None:
         return Anchors(rewards=rewards, old_logp=old, ref_logp=None, loss_kl=0.0)
     ref = served_ref(batch, next(ref_model.parameters()).device)  # (B, Lc) from the servers
@@ -140,10 +147,35 @@ def served_ref(batch: Rollout, device: torch.device | str = "cpu") -> Tensor | N
     rows = [c.ref_logprobs for c in batch.completions]
     if not rows or any(r is None for r in rows):
         return None
+    return _padded(batch, rows, device)
+
+
+def _padded(batch: Rollout, rows: list, device: torch.device | str) -> Tensor:
+    """Per-token lists of each row, (B, Lc) zero-padded to the longest completion."""
     out = torch.zeros((len(rows), max(1, max(len(c.ids) for c in batch.completions))))
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
     return out.to(device)
+
+
+OldLogpFn = Callable[[torch.nn.Module, Rollout, UpdateSettings, Ranks], Tensor]
+OLD_LOGP: Registry[OldLogpFn] = Registry("old-policy log-prob source")
+
+
+@OLD_LOGP.register("forward")
+def old_by_forward(policy, batch: Rollout, settings: UpdateSettings, ranks: Ranks) -> Tensor:
+    """(B, Lc) one no-grad forward of the policy before its first update."""
+    return sharded_logprobs(policy, batch, settings.temperature, settings.pad_id, ranks)
+
+
+@OLD_LOGP.register("sampler")
+def old_from_sampler(policy, batch: Rollout, settings: UpdateSettings, ranks: Ranks) -> Tensor:
+    """(B, Lc) the log-probs the sampler drew each token with: the behaviour policy itself.
+    Only for a sampler that decoded the current weights (`aha zero` checks); no forward."""
+    rows = [c.logprobs for c in batch.completions]
+    if any(len(r) != len(c.ids) for r, c in zip(rows, batch.completions)):
+        raise ValueError("old_logp=sampler: a completion came back without its log-probs")
+    return _padded(batch, rows, next(policy.parameters()).device)
 
 
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):

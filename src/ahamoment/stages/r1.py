@@ -71,6 +71,15 @@ class R1Config:
     """Every RL stage, R1-Zero's too: weight of the format reward (accuracy weighs 1)."""
     language_weight: float = 0.2
     """Stages 2 and 4: weight of the language-consistency reward."""
+    kl_coef: float = 0.05
+    """Every RL stage: β of the KL penalty to the stage's starting model."""
+    overlong_buffer: int = 64
+    """Every RL stage: the soft overlong penalty ramps over the last N tokens of
+    --max-new-tokens (a search cut off scores less than one that answers)."""
+    lora_rank: int = 4
+    """Every RL stage: rank of the LoRA adapters trained (0: every weight)."""
+    minibatches: int = 1
+    """Every RL stage: optimizer steps per rollout batch."""
     rl_steps: int = 100
     """Stage 2: reasoning-RL GRPO steps."""
     rs_prompts: int = 1500
@@ -82,8 +91,9 @@ class R1Config:
     final_rl_steps: int = 100
     """Stage 4: final GRPO steps."""
     rl_recipe: str = ""
-    """`aha zero` recipe YAML for every RL stage, R1-Zero's too (group size, lr, KL, ...); model,
-    steps, reward, seed and out are set per stage. Empty: `aha zero`'s defaults."""
+    """`aha zero` recipe YAML for every RL stage, R1-Zero's too (group size, lr, ...); model,
+    steps, reward, KL β, overlong ramp, LoRA rank, minibatches, seed and out are set here.
+    Empty: `aha zero`'s defaults."""
     rl_check_n: int = 100
     """Held-out problems in each RL stage's own before/after check (the comparison uses heldout_n)."""
     sft_batch_size: int = 32
@@ -110,6 +120,10 @@ class R1Config:
                 raise ValueError(f"{name} must be at least 1")
         if min(self.heldout_n, self.eval_k, self.rs_samples, self.rl_check_n) < 1:
             raise ValueError("heldout_n, eval_k, rs_samples and rl_check_n must be positive")
+        if self.kl_coef < 0 or self.overlong_buffer < 1 or self.lora_rank < 0:
+            raise ValueError("kl_coef and lora_rank must be >= 0, overlong_buffer at least 1")
+        if self.minibatches < 1:
+            raise ValueError(f"minibatches must be at least 1, got {self.minibatches}")
         if not 0.0 < self.cold_start_max_frac <= 1.0:
             raise ValueError("cold_start_max_frac must lie in (0, 1]")
         if self.rl_recipe and not Path(self.rl_recipe).exists():
@@ -185,6 +199,10 @@ def rl_config(cfg: R1Config, zero_config: type, model: Path, steps: int, reward:
         steps=steps,
         reward=reward,
         max_new_tokens=cfg.max_new_tokens,
+        kl_coef=cfg.kl_coef,
+        overlong_buffer=cfg.overlong_buffer,
+        lora_rank=cfg.lora_rank,
+        minibatches=cfg.minibatches,
         eval_every=0,
         eval_n=min(50, cfg.rl_check_n),
         heldout_n=cfg.rl_check_n,

@@ -9,7 +9,7 @@ steps, and after. The parts are components (``rl/rollouts.py``, ``rl/update.py``
 variant is a registry entry in ``rl/``, never a branch here.
 
 How this differs from GRPO as published (DeepSeekMath / DeepSeek-R1): the defaults train
-rank-4 LoRA adapters held by a k2 KL at β 0.05, where R1 trains every weight with k3 at β
+rank-8 LoRA adapters held by a k2 KL at β 0.03, where R1 trains every weight with k3 at β
 0.001, since a model of under a million parameters loses its sampled arithmetic when every
 weight moves or the anchor is loose (docs/results/zero-countdown.md); the update's own
 deviations are listed in ``rl/update.py``. Several processes (`accelerate launch`): rollouts
@@ -67,7 +67,7 @@ from ahamoment.rl.rollouts import (
     step_rng,
 )
 from ahamoment.rl.tis import IMPORTANCE
-from ahamoment.rl.update import TrainBatch, UpdateSettings, anchor, policy_update
+from ahamoment.rl.update import OLD_LOGP, TrainBatch, UpdateSettings, anchor, policy_update
 from ahamoment.rollout import ENGINES, SamplingParams, make_engine
 from ahamoment.rollout.base import engine_stats
 from ahamoment.rollout.server_engine import WEIGHT_SYNCS
@@ -101,7 +101,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Policy loss from rl/losses.py: grpo (sequence mean), dr_grpo (token sum / max_new_tokens), dapo (token mean), gspo (sequence ratio)."""
     lr_decay: int = 100
     """Decay the learning rate linearly to 0 over the last N steps (all of them when N >= steps); 0: constant after warm-up."""
-    minibatches: int = 1
+    minibatches: int = 2
     """M: optimizer steps per rollout batch per epoch (DeepSeek-R1 used 16)."""
     epochs: int = 1
     """μ: passes over each rollout batch."""
@@ -113,7 +113,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Ratio clip below 1; empty: the loss's own (0.2; gspo 3e-4). R1's stage 1 used 10 (>= 1: no lower clip)."""
     eps_high: float | None = None
     """Ratio clip above 1; empty: the loss's own (0.2; dapo 0.28, gspo 4e-4)."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.03
     """β of the KL penalty to a frozen reference (0: no reference model, no reference forward)."""
     kl_estimator: str = "k2"
     """KL estimator from rl/kl.py: k1, k2, k3. R1 uses k3; k2's gradient is the true KL gradient."""
@@ -131,7 +131,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """With a group filter: at most this many rounds of P prompts per step to refill the batch."""
     overlong: str = "soft"
     """Truncated completions (rl/shaping.py): none, mask (left out of the loss), soft (DAPO length penalty)."""
-    overlong_buffer: int = 64
+    overlong_buffer: int = 128
     """soft: the penalty ramps over the last N tokens of max_new_tokens."""
     overlong_penalty: float = 1.0
     """soft: the penalty at max_new_tokens (a correct answer earns 1)."""
@@ -139,6 +139,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Truncated importance sampling (rl/tis.py): weight each token's policy-gradient term by min(exp(old_logp - sampler_logp), C), for a sampler (vLLM, rollout servers, older weights) whose log-probs differ from the trainer's; 0: off."""
     importance: str = "truncate"
     """How the --tis-cap weight is bounded (rl/tis.py): truncate (TIS: min(w, C)) or mask (AReaL's decoupled objective: tokens with w > C leave the loss)."""
+    old_logp: str = "auto"
+    """Old-policy log-probs, needed with several optimizer steps per rollout batch (rl/update.py): forward (one no-grad forward of the policy before the first step), sampler (the log-probs the sampler drew each token with, no forward; only for a sampler of the current weights in this process: --engine torch, torch-eager or hf, no --rollout-server, no --tis-cap, no --bf16), auto (sampler where it may, else forward)."""
     rollout_server: str = ""
     """Comma-separated URLs of rollout servers (`aha serve --weights-key KEY`, see `aha launch`): rollouts and evaluations are sampled there, and the weights pushed to them after every step. Empty: sample in this process with --engine."""
     weights_key: str = ""
@@ -162,7 +164,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     samples_per_step: int = 2
     """Completions written to samples.jsonl per step."""
     # shared-group defaults that differ for this stage (docs in args.py)
-    lora_rank: int = 4
+    lora_rank: int = 8
     heldout_n: int = 1000
     max_new_tokens: int = 192
 
@@ -231,6 +233,27 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         self.loss_config()
         self.overlong_config()
         self.reward_weights()
+        if self.old_logp != "auto":
+            OLD_LOGP.get(self.old_logp)
+        if self.old_logp == "sampler" and not self.sampler_is_policy():
+            raise ValueError(
+                "--old-logp sampler needs a sampler of the current weights in this process "
+                "(--engine torch, torch-eager or hf; no --rollout-server, --tis-cap or --bf16): "
+                "use --old-logp forward"
+            )
+
+    def sampler_is_policy(self) -> bool:
+        """Whether the rollouts' own log-probs are the trainer's policy before its first
+        step, to float rounding: sampled in this process from the current weights, in fp32 as
+        the trainer computes (bf16 autocast rounds the trainer's differently)."""
+        in_process = getattr(ENGINES.get(self.engine), "decodes_module", False)
+        return in_process and not (self.rollout_server or self.tis_cap or self.bf16)
+
+    def old_logp_source(self) -> str:
+        """The ``OLD_LOGP`` entry of this run: --old-logp, with auto resolved."""
+        if self.old_logp != "auto":
+            return self.old_logp
+        return "sampler" if self.sampler_is_policy() else "forward"
 
     def reward_weights(self) -> dict[str, float]:
         return parse_weights(self.reward)
@@ -294,6 +317,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             importance=self.importance,
             max_grad_norm=self.max_grad_norm,
             pad_id=pad_id,
+            old_logp=self.old_logp_source(),
         )
 
 
