@@ -81,7 +81,8 @@ def test_zero_with_bf16_and_gradient_checkpointing_through_the_cli(
     args = ["--model", str(base), "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
             "--max-new-tokens", "12", "--heldout-n", "2", "--eval-k", "1", "--eval-every", "0",
             "--no-real-eval", "--threads", "1", "--save-every", "0",
-            "--reward", "reward_plugin:length_penalty", "--tis-cap", "2"]  # fmt: skip
+            "--reward", "reward_plugin:length_penalty", "--tis-cap", "2",
+            "--minibatches", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     rows = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16", "--gradient-checkpointing"])):

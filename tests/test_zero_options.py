@@ -16,7 +16,7 @@ from ahamoment.stages.zero import ZeroConfig, zero
 COMMON = dict(
     steps=4, prompts_per_step=2, group_size=4, max_new_tokens=8, overlong_buffer=4,
     heldout_n=2, eval_k=1, eval_every=0, real_eval=False, lora_rank=0, micro_batch=0,
-    lr=5e-2, warmup=1, lr_decay=0, kl_coef=0.5, save_every=2, threads=1,
+    lr=5e-2, warmup=1, lr_decay=0, kl_coef=0.5, save_every=2, threads=1, minibatches=1,
     reward="reward_plugin:length_penalty",  # every completion differs: advantages are never 0
 )  # fmt: skip
 

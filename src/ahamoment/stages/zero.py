@@ -389,6 +389,10 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             f"constant-template baseline ({tb['best']}): {tb['best_acc']:.3f}   "
             f"base pass@1: {base['heldout']['pass1']:.3f}"
         )
+        if update.updates > 1:  # where the ratio's denominator comes from (--old-logp)
+            console.print(
+                f"old-policy log-probs of {update.updates} steps a batch: {update.old_logp}"
+            )
 
     optimizer = training.adamw(model, cfg, betas=training.RL_BETAS, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
