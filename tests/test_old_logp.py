@@ -102,3 +102,26 @@ def test_auto_takes_the_sampler_only_where_it_decoded_the_current_weights():
         ZeroConfig(old_logp="sampler", rollout_server="http://127.0.0.1:1")
     with pytest.raises(Exception, match="unknown old-policy log-prob source"):
         ZeroConfig(old_logp="samplr")
+
+
+def test_bf16_autocast_reaches_the_packed_forwards(tiny_model, tiny_tokenizer):
+    # the packed path calls the layers directly, past the autocast accelerate puts around the
+    # model's forward: with --bf16 the trainer's forwards (update and anchors) must still round
+    # in bf16, so they part from the fp32 sampler, and the old log-probs round as the update
+    batch = _sampled(tiny_model, tiny_tokenizer)
+    rewards = torch.zeros(len(batch))
+    mismatch, olds = {}, {}
+    for bf16 in (False, True):
+        settings = replace(_settings("forward"), bf16=bf16, minibatches=1)
+        olds[bf16] = anchor(tiny_model, tiny_model, batch, rewards, settings, "loss").ref_logp
+        model = copy.deepcopy(tiny_model).train()
+        acc = Accelerator(cpu=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = acc.prepare(model, opt)
+        adv = torch.linspace(-1, 1, len(batch))
+        tb = TrainBatch(batch, adv, torch.ones(len(batch), dtype=torch.bool), None, None)
+        stats = policy_update(model, opt, acc, tb, settings, torch.Generator())
+        mismatch[bf16] = stats["sampler_mismatch"]
+    assert mismatch[False] < 1e-5 < 1e-4 < mismatch[True] < 0.5
+    assert olds[True].dtype == torch.float32
+    assert (olds[True] - olds[False]).abs().max() > 1e-4  # the reference forward rounds too

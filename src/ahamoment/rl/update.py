@@ -73,6 +73,13 @@ class UpdateSettings:
     pad_id: int = 0
     old_logp: str = "forward"
     """Where old-policy log-probs come from when they are needed (``OLD_LOGP``)."""
+    bf16: bool = False
+    """bf16 autocast around every trainer forward: the packed path calls the layers directly,
+    past the autocast accelerate wraps around the model's forward."""
+
+    def autocast(self, device: torch.device):
+        """The autocast context of the trainer's forwards on ``device`` (off without bf16)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @property
     def updates(self) -> int:
@@ -129,12 +136,14 @@ def anchor(
     T, pad = settings.temperature, settings.pad_id
     old = ref = None
     if settings.updates > 1 or (ref_model is not None and needs_old):
-        old = OLD_LOGP.get(settings.old_logp)(policy, batch, settings, ranks)  # (B, Lc)
+        with settings.autocast(next(policy.parameters()).device):
+            old = OLD_LOGP.get(settings.old_logp)(policy, batch, settings, ranks)  # (B, Lc)
     if ref_model is None:
         return Anchors(rewards=rewards, old_logp=old, ref_logp=None, loss_kl=0.0)
     ref = served_ref(batch, next(ref_model.parameters()).device)  # (B, Lc) from the servers
     if ref is None:
-        ref = sharded_logprobs(ref_model, batch, T, pad, ranks)  # (B, Lc)
+        with settings.autocast(next(ref_model.parameters()).device):
+            ref = sharded_logprobs(ref_model, batch, T, pad, ranks)  # (B, Lc)
     kl_tok = KL_ESTIMATORS.get(settings.kl_estimator)(old, ref) if needs_old else None  # (B, Lc)
     mask = right_pad([c.ids for c in batch.completions], pad)[1]  # (B, Lc)
     rewards, loss_kl = place(rewards, kl_tok, mask, settings.loss_config.kl_coef)
@@ -304,9 +313,11 @@ def policy_update(
                 idx = torch.tensor(chunk, device=device)
                 sync = accelerator.no_sync(model) if c < len(chunks) - 1 else nullcontext()
                 with sync:
-                    logp, mask, ent = rollout.logprobs(
-                        model, chunk, s.temperature, s.pad_id, entropy=True
-                    )  # (b, Lc) each, Lc = this chunk's longest completion
+                    with s.autocast(device):
+                        logp, mask, ent = rollout.logprobs(
+                            model, chunk, s.temperature, s.pad_id, entropy=True
+                        )  # (b, Lc) each, Lc = this chunk's longest completion
+                    logp = logp.float()
                     Lc = logp.shape[1]
                     mask = mask * in_loss[idx].unsqueeze(1).to(mask.dtype)  # (b, Lc)
                     old = old_logp[idx, :Lc] if old_logp is not None else logp.detach()

@@ -318,6 +318,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
             max_grad_norm=self.max_grad_norm,
             pad_id=pad_id,
             old_logp=self.old_logp_source(),
+            bf16=self.bf16,
         )
 
 
