@@ -391,9 +391,8 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             f"base pass@1: {base['heldout']['pass1']:.3f}"
         )
         if update.updates > 1:  # where the ratio's denominator comes from (--old-logp)
-            console.print(
-                f"old-policy log-probs of {update.updates} steps a batch: {update.old_logp}"
-            )
+            n, src = update.updates, update.old_logp
+            console.print(f"{n} optimizer steps per batch; old-policy log-probs: {src}")
 
     optimizer = training.adamw(model, cfg, betas=training.RL_BETAS, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
