@@ -156,11 +156,6 @@ def served_ref(batch: Rollout, device: torch.device | str = "cpu") -> Tensor | N
     rows = [c.ref_logprobs for c in batch.completions]
     if not rows or any(r is None for r in rows):
         return None
-    return _padded(batch, rows, device)
-
-
-def _padded(batch: Rollout, rows: list, device: torch.device | str) -> Tensor:
-    """Per-token lists of each row, (B, Lc) zero-padded to the longest completion."""
     out = torch.zeros((len(rows), max(1, max(len(c.ids) for c in batch.completions))))
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
@@ -181,10 +176,11 @@ def old_by_forward(policy, batch: Rollout, settings: UpdateSettings, ranks: Rank
 def old_from_sampler(policy, batch: Rollout, settings: UpdateSettings, ranks: Ranks) -> Tensor:
     """(B, Lc) the log-probs the sampler drew each token with: the behaviour policy itself.
     Only for a sampler that decoded the current weights (`aha zero` checks); no forward."""
-    rows = [c.logprobs for c in batch.completions]
-    if any(len(r) != len(c.ids) for r, c in zip(rows, batch.completions)):
+    if any(len(c.logprobs) != len(c.ids) for c in batch.completions):
         raise ValueError("old_logp=sampler: a completion came back without its log-probs")
-    return _padded(batch, rows, next(policy.parameters()).device)
+    width = max(1, max(len(c.ids) for c in batch.completions))  # Lc
+    like = torch.zeros((len(batch), width), device=next(policy.parameters()).device)
+    return batch.sampler_logprobs(range(len(batch)), like)
 
 
 def sharded_logprobs(net, batch: Rollout, temperature: float, pad_id: int, ranks: Ranks):
