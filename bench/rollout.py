@@ -32,7 +32,8 @@ calls made back to back (compile excluded). Both depend on the number of rounds:
 makes hundreds of rollouts per process, so its compile shares are far smaller than here.
 
 **FLOP fraction.** ``rollout_flop_frac`` is our decode's achieved GFLOP/s (median of rounds
-1..) over the GFLOP/s of a 2048 x 2048 fp32 matmul timed in the same run on the same thread.
+1..) over the GFLOP/s of a 2048 x 2048 fp32 matmul timed in the same run on the same thread
+(the faster of torch's own product and oneDNN's, which our decoding step uses).
 FLOPs are counted for one forward per generated token: a row with a p-token prompt predicts
 its token i (0-based) from a forward that attends to c = p + i keys, costing
 ``2 * P + 4 * L * H * D * c`` (P: the weights of every nn.Linear, lm_head included, each a
@@ -70,6 +71,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
+from ahamoment import onednn
 from ahamoment.evaluation import encode_prompts
 from ahamoment.models import load_model, load_tokenizer, n_params, new_model, tiny_llama_config
 from ahamoment.rollout import compiled
@@ -126,11 +128,16 @@ def time_call(fn: Callable[[], int]) -> tuple[float, int]:
 
 
 def matmul_gflops(n: int = 2048, tries: int = 3) -> float:
-    """GFLOP/s of an n x n fp32 matmul on torch's threads (the best of ``tries``)."""
+    """GFLOP/s of an n x n fp32 matmul on torch's threads (the best of ``tries``), the faster
+    of torch's own product (MKL) and oneDNN's (what our decoding step uses, ``onednn``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(time_call(lambda: (a @ b, 0)[1])[0] for _ in range(tries))
-    return 2 * n**3 / best / 1e9
+
+    def rate(fn: Callable[[], object]) -> float:
+        fn()
+        best = min(time_call(lambda: (fn(), 0)[1])[0] for _ in range(tries))
+        return 2 * n**3 / best / 1e9
+
+    return max(rate(lambda: a @ b), rate(lambda: onednn.linear(a, b)))
 
 
 def rollout_flops(model: torch.nn.Module, prompt_lens: list[int], new_tokens: int) -> float:

@@ -156,3 +156,17 @@ def test_all_empty_completions_give_zeros(tiny_model):
     logp, mask, ent = completion_logprobs(tiny_model, [[5, 6], [5, 6]], [[], []], with_entropy=True)
     assert logp.shape == mask.shape == ent.shape == (2, 1)
     assert not logp.any() and not mask.any() and not ent.any()
+
+
+def test_score_from_keeps_the_scored_columns_and_zeroes_the_rest(tiny_model):
+    p, c = _batch(tiny_model.config.vocab_size, seed=5)
+    start = [min(i % 3, len(ci)) for i, ci in enumerate(c)]
+    with torch.no_grad():
+        full, mask, ent = completion_logprobs(tiny_model, p, c, with_entropy=True)
+        part, pmask, pent = completion_logprobs(
+            tiny_model, p, c, with_entropy=True, score_from=start
+        )
+    keep = torch.arange(mask.shape[1])[None] >= torch.tensor(start)[:, None]
+    assert torch.equal(pmask, mask * keep)
+    torch.testing.assert_close(part, full * keep, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pent, ent * keep, atol=1e-6, rtol=1e-6)

@@ -199,3 +199,47 @@ def test_shared_prefix_length(seqs, expected):
     from ahamoment.stages.sft import shared_prefix_len
 
     assert shared_prefix_len(seqs) == expected
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_stream_layout_gives_the_rows_loss_and_gradients(tiny_model, share_prefix):
+    """The packed stream (no padding, targets only scored) against the padded rows path."""
+    from ahamoment.stages.sft import StreamBatch, stream_layout
+
+    g = torch.Generator().manual_seed(2)
+    head = torch.randint(3, 200, (10,), generator=g).tolist()
+    seqs = []
+    for n_prompt, n_comp in [(3, 4), (6, 9), (1, 2), (8, 5), (2, 11)]:
+        ids = head + torch.randint(3, 200, (n_prompt + n_comp,), generator=g).tolist()
+        seqs.append((ids, [IGNORE] * (10 + n_prompt) + ids[10 + n_prompt :]))
+    stream = stream_layout(seqs, share_prefix)
+    assert isinstance(stream, StreamBatch)
+    assert len(stream.heads[0]) == (10 if share_prefix else 1)
+    rows = collate(seqs, pad_id=0, pack=False, pack_len=24)
+    assert stream.n_targets() == rows.n_targets() == 4 + 9 + 2 + 5 + 11
+    assert stream.cells() < rows.cells()
+    out = []
+    for batch in (rows, stream):
+        tiny_model.zero_grad()
+        loss = sft_loss(tiny_model, batch, denominator=7.0)
+        loss.backward()
+        out.append((loss.item(), [p.grad.clone() for p in tiny_model.parameters()]))
+    tiny_model.zero_grad()
+    assert out[1][0] == pytest.approx(out[0][0], abs=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_stream_layout_scores_targets_only_by_hand(tiny_model):
+    """Prompt 'a b c', completion 'd e' + EOS: three log-probs, those of d, e and EOS."""
+    from ahamoment.stages.sft import stream_layout
+
+    ids, labels = encode_pair(_Tok(), "a b c", "d e", max_len=16)
+    batch = stream_layout([(ids, labels)], share_prefix=True)
+    assert batch.heads == [[0]] and batch.rests == [[1, 2, 3, 4, 9]]
+    assert batch.score_from == [2]  # rest token 2 is 'd', the first target
+    with torch.no_grad():
+        loss = sft_loss(tiny_model, batch)
+        logp = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0], -1)  # (6, V)
+    by_hand = -(logp[2, 3] + logp[3, 4] + logp[4, 9]) / 3
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ahamoment import decoder, lora, lora_linear
+from ahamoment import decoder, lora, lora_linear, onednn
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,19 +65,40 @@ def completion_logprobs(
     pad_id: int = 0,
     with_entropy: bool = False,
     width: int = 1,
+    score_from: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, Lc) of each completion token given its prompt, the (B, Lc) completion
     mask, and optionally the per-token entropy (B, Lc, no grad; 0 at padding). Logits are divided by
     ``temperature`` as in the sampler, so ratios compare like with like. ``width`` pads the
-    completion axis to at least that many columns (to line minibatches up with a full batch)."""
+    completion axis to at least that many columns (to line minibatches up with a full batch).
+    ``score_from`` (B,): each row's first completion token to score; earlier ones still run
+    (as context) but get log-prob 0 and mask 0, and the packed path computes no logits there
+    (`aha sft`: the part of a prompt that is not shared)."""
     device = next(model.parameters()).device
     if _checkpointing(model) and torch.is_grad_enabled():
         logits, ids_c, mask = _joint_logits(model, prompts, completions, pad_id, width, device)
+        mask = _from_column(mask, score_from)
         return _from_logits(logits, ids_c, mask, temperature, with_entropy)
     lm = _packable(model, prompts, completions)
     if lm is not None:
-        return _packed(lm, prompts, completions, temperature, pad_id, with_entropy, width)
-    return _shared_prefix(model, prompts, completions, temperature, pad_id, with_entropy, width)
+        return _packed(
+            lm, prompts, completions, temperature, pad_id, with_entropy, width, score_from
+        )
+    logp, mask, ent = _shared_prefix(
+        model, prompts, completions, temperature, pad_id, with_entropy, width
+    )
+    if score_from is None:
+        return logp, mask, ent
+    mask = _from_column(mask, score_from)
+    return logp * mask, mask, None if ent is None else ent * mask
+
+
+def _from_column(mask: torch.Tensor, score_from: Sequence[int] | None) -> torch.Tensor:
+    """``mask`` (B, Lc) with each row's columns before ``score_from`` zeroed."""
+    if score_from is None:
+        return mask
+    start = torch.tensor(score_from, device=mask.device)[:, None]  # (B, 1)
+    return mask * (torch.arange(mask.shape[1], device=mask.device)[None] >= start)
 
 
 def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module | None:
@@ -91,7 +112,9 @@ def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module |
     return lm if decoder.fits_window(lm, longest) else None
 
 
-def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entropy, width):
+def _packed(
+    lm, prompts, completions, temperature: float, pad_id: int, with_entropy, width, score_from=None
+):
     """Packed log-probs (see the module docstring); same returns as ``completion_logprobs``."""
     device = next(lm.parameters()).device
     B = len(prompts)
@@ -108,10 +131,16 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
     stream = [t for c in completions if len(c) > 1 for t in c[:-1]]
     pos = [lp + j for _, lp, m in seg for j in range(m)]
     N = len(stream)
-    h = lm.model.embed_tokens(torch.tensor(stream, dtype=torch.long, device=device))  # (N, C)
+    # rounded up with pad tokens that nothing reads: one oneDNN kernel per rounded length
+    n_pad = onednn.padded_rows(N) - N
+    stream += [pad_id] * n_pad
+    pos += [0] * n_pad
+    h = lm.model.embed_tokens(
+        torch.tensor(stream, dtype=torch.long, device=device)
+    )  # (N + n_pad, C)
     cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
     cos, sin = cos[0], sin[0]  # (N, D)
-    plan = _RowBuckets(seg, row_u, valid, N)
+    plan = _RowBuckets(seg, row_u, valid, N, N + n_pad)
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
         q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (N, H|Hkv, D)
@@ -125,15 +154,18 @@ def _packed(lm, prompts, completions, temperature: float, pad_id: int, with_entr
     for i, n in enumerate(lens):
         if n == 0:
             continue
-        src += [row_u[i]] + list(range(len(uniq) + s, len(uniq) + s + n - 1))
+        j0 = 0 if score_from is None else min(score_from[i], n)  # first token scored
+        at_j = [row_u[i]] + list(range(len(uniq) + s, len(uniq) + s + n - 1))  # predicts j
+        src += at_j[j0:]
         s += n - 1
-        tgt += completions[i]
-        r_idx += [i] * n
-        c_idx += range(n)
+        tgt += completions[i][j0:]
+        r_idx += [i] * (n - j0)
+        c_idx += range(j0, n)
     mask = torch.zeros((B, max([width, *lens])), device=device)
     at = tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (r_idx, c_idx))
     mask[at] = 1.0
-    logits = lm.lm_head(lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)]))
+    hid = lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)])
+    logits = lora_linear.linear(lm.lm_head, hid)
     targets = torch.tensor(tgt, dtype=torch.long, device=device)
     return _scatter(logits, targets, at, mask, temperature, with_entropy)
 
@@ -160,9 +192,11 @@ class _RowBuckets:
     BUCKET = 4
     GATHER_ONCE = True
 
-    def __init__(self, seg, row_u, valid: torch.Tensor, N: int) -> None:
+    def __init__(self, seg, row_u, valid: torch.Tensor, N: int, n_out: int | None = None) -> None:
         """seg: (row, prompt length, stream tokens) of each row in stream order; row_u: each
-        row's prompt in ``valid`` (U, Lp), the prompts' key mask; N: the stream's length."""
+        row's prompt in ``valid`` (U, Lp), the prompts' key mask; N: the stream's length;
+        n_out: rows of ``attend``'s output (N by default; rows from N on are padding, their
+        output any row's)."""
         device = valid.device
         start, s = [], 0
         for _, _, m in seg:
@@ -170,7 +204,7 @@ class _RowBuckets:
             s += m
         order = sorted(range(len(seg)), key=lambda r: -seg[r][2])
         self.buckets = []  # (R, M, (R, 1, M, Lp+M) mask) per bucket
-        back = [0] * N  # stream position -> row of the concatenated bucket outputs
+        back = [0] * (N if n_out is None else n_out)  # stream position -> bucket output row
         at = 0
         flat_all, u_all = [], []
         for b in range(0, len(order), self.BUCKET):
@@ -197,8 +231,8 @@ class _RowBuckets:
         self.counts = [R for R, _, _ in self.buckets]  # rows (prompts) per bucket
 
     def attend(self, q, k, v, keys_p, values_p, scale: float) -> torch.Tensor:
-        """q (N, H, D), k and v (N, Hkv, D) of the stream; keys_p and values_p (U, Hkv, Lp, D)
-        of the prompts. Returns the attention output (N, H*D), heads in model order."""
+        """q (n_out, H, D), k and v (n_out, Hkv, D) of the stream; keys_p and values_p (U, Hkv,
+        Lp, D) of the prompts. Returns the attention output (n_out, H*D), heads in model order."""
         H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
         if not self.buckets:
             return q.new_zeros((0, H * D))

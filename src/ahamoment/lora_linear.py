@@ -17,8 +17,9 @@ DoRA or other variant, unmerged, and a frozen base weight; every other module ru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ahamoment import onednn
 
 
 class _MergedLoraLinear(torch.autograd.Function):
@@ -28,13 +29,14 @@ class _MergedLoraLinear(torch.autograd.Function):
         merged = torch.addmm(weight, b, a, alpha=scale)  # (C_out, C_in)
         ctx.save_for_backward(x, a, b, merged)
         ctx.scale = scale
-        return F.linear(x, merged, bias)
+        return onednn.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, a, b, merged = ctx.saved_tensors
         s = ctx.scale
-        gx = g @ merged if ctx.needs_input_grad[0] else None  # (..., C_in)
+        # (..., C_in): g @ merged, the transpose read in place
+        gx = onednn.linear(g, merged.t()) if ctx.needs_input_grad[0] else None
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, C_in), (N, C_out)
         ga = gb = None
         if ctx.needs_input_grad[3]:
@@ -67,7 +69,10 @@ def _plain_lora(mod: torch.nn.Module):
 
 
 def linear(mod: torch.nn.Module, x: Tensor) -> Tensor:
-    """``mod(x)``, with a LoRA projection as one merged product (see the module docstring)."""
+    """``mod(x)``, with a LoRA projection as one merged product (see the module docstring) and
+    the products of LoRA and plain ``nn.Linear`` projections through ``onednn``."""
+    if type(mod) is torch.nn.Linear:
+        return onednn.linear(x, mod.weight, mod.bias)
     plain = _plain_lora(mod)
     if plain is None:
         return mod(x)

@@ -2,8 +2,8 @@
 
 The eager step (``sampler._LlamaLike``) runs dozens of small torch ops per layer; at the
 rollout's sizes (the 0.9M-parameter default, 128 rows) about half of its time is per-op
-overhead and attention split into many tiny batched matmuls. This step keeps torch (MKL) for
-the matrix products, with q/k/v and gate/up each concatenated into one product, and replaces
+overhead and attention split into many tiny batched matmuls. This step leaves the matrix
+products to torch (oneDNN, see ``onednn``), with q/k/v and gate/up each concatenated into one product, and replaces
 everything between them with four kernels: RMS norm; RoPE plus the KV-cache write plus
 attention over the prompt and completion caches; SiLU(gate) * up; and the sampler's choice
 (log-softmax, then argmax or the same inverse-CDF draw as ``sampler._draw``, fed the same
@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from ahamoment import decoder
+from ahamoment import decoder, onednn
 from ahamoment.models import cache_dir
 
 __all__ = ["FusedLlama", "fused_runner", "kernels"]
@@ -538,16 +538,16 @@ class FusedLlama:
                     ln1_eps=float(layer.input_layernorm.variance_epsilon),
                     ln2=layer.post_attention_layernorm.weight.detach().contiguous(),
                     ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
-                    qkv=qkv.detach().t().contiguous(),  # (C, (H + 2 Hkv) D)
+                    qkv=qkv.detach().contiguous(),  # ((H + 2 Hkv) D, C), as nn.Linear
                     qkv_bias=None if bias is None else bias.detach(),
-                    o=a.o_proj.weight.detach().t().contiguous(),
-                    gu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
-                    down=m.down_proj.weight.detach().t().contiguous(),
+                    o=a.o_proj.weight.detach().contiguous(),
+                    gu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().contiguous(),
+                    down=m.down_proj.weight.detach().contiguous(),
                 )
             )
         self.norm = inner.norm.weight.detach().contiguous()
         self.embed = inner.embed_tokens.weight.detach()
-        self.lm_head = model.lm_head.weight.detach().t().contiguous()
+        self.lm_head = model.lm_head.weight.detach().contiguous()  # (V, C)
         self.I = inner.layers[0].mlp.gate_proj.out_features
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # (1, P, D), HF's own
@@ -590,11 +590,8 @@ class FusedLlama:
         C, V = self.embed.shape[1], self.embed.shape[0]
         new = dict(dtype=torch.float32, device=rp.device)
         self.x = torch.empty(S, C, **new)
-        self.qkv = torch.empty(S, (self.H + 2 * self.Hkv) * self.D, **new)
         self.o = torch.empty(S, self.H * self.D, **new)
-        self.gu = torch.empty(S, 2 * self.I, **new)
         self.a = torch.empty(S, self.I, **new)
-        self.logits = torch.empty(S, V, **new)
         self.tok = torch.empty(S, dtype=torch.int64, device=rp.device)
         self.lp = torch.empty(S, **new)
         rep = self.H // self.Hkv
@@ -627,16 +624,13 @@ class FusedLlama:
         greedy (S,) uint8, uniform (S,) float32. Returns logits (S, V) and the chosen token
         and its log-prob (S,) per slot (the buffers are reused by the next step)."""
         lib, S, C = self.lib, self.S, self.embed.shape[1]
-        x, qkv, o, gu, a = self.x, self.qkv, self.o, self.gu, self.a
+        x, o, a = self.x, self.o, self.a
         h = self.embed.index_select(0, ids)  # (S, C)
         pos = pos.contiguous()
         Lp = self.Lp
         for li, w in enumerate(self.layers):
             lib.rmsnorm(h.data_ptr(), w["ln1"].data_ptr(), x.data_ptr(), S, C, w["ln1_eps"])
-            if w["qkv_bias"] is None:
-                torch.mm(x, w["qkv"], out=qkv)
-            else:
-                torch.addmm(w["qkv_bias"], x, w["qkv"], out=qkv)
+            qkv = onednn.linear(x, w["qkv"], w["qkv_bias"])  # (S, (H + 2 Hkv) D)
             lib.attn_decode(
                 qkv.data_ptr(),
                 self.cos.data_ptr(),
@@ -661,13 +655,13 @@ class FusedLlama:
                 self.t,
                 self.scaling,
             )
-            h.addmm_(o, w["o"])
+            h.add_(onednn.linear(o, w["o"]))
             lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
-            torch.mm(x, w["gu"], out=gu)
+            gu = onednn.linear(x, w["gu"])  # (S, 2 I)
             lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
-            h.addmm_(a, w["down"])
+            h.add_(onednn.linear(a, w["down"]))
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
-        torch.mm(x, self.lm_head, out=self.logits)
+        self.logits = onednn.linear(x, self.lm_head)  # (S, V)
         V = self.logits.shape[1]
         scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
         lib.sample_rows(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ahamoment import atomic, training
+from ahamoment import atomic, logprobs, training
 from ahamoment.args import HeldoutArgs, LoraArgs, ModelArgs, TrainArgs, check_groups
 from ahamoment.base_models import reversed_digits
 from ahamoment.data import DataError, read_jsonl
@@ -62,6 +62,8 @@ class SFTConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Row length when packing (a longer sequence gets a row of its own). Attention costs T² per row, so rows a few sequences long beat long rows."""
     share_prefix: bool = True
     """Run the token prefix all of a step's sequences share (e.g. the R1-Zero template) once and attend to its KV cache from every row: the same loss and gradients, less compute."""
+    stream: bool = True
+    """Run the step's sequences as one stream with no padding (the RL trainer's packed forward on Llama/Qwen2/Mistral: every projection one product over all tokens, attention per sequence, the shared prefix once); --no-stream lays them out in rows (--pack, --pack-len). Same loss and gradients."""
     # shared-group defaults that differ for this stage (docs in args.py); heldout_n 0: no
     # evaluation at the end
     warmup: int = 20
@@ -174,6 +176,38 @@ class Batch:
     def n_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
 
+    def cells(self) -> int:
+        """Token positions computed (padding included)."""
+        return self.input_ids.numel() + len(self.prefix_ids)
+
+
+@dataclass
+class StreamBatch:
+    """One step's sequences for the packed forward: each cut into a head (the prefix all of
+    them share, at least their first token) and the rest, which runs as one stream."""
+
+    heads: list[list[int]]
+    rests: list[list[int]]
+    score_from: list[int]  # per sequence: the first token of its rest that is a target
+
+    def n_targets(self) -> int:
+        return sum(len(r) - j for r, j in zip(self.rests, self.score_from))
+
+    def cells(self) -> int:
+        """Token positions computed: the shared head once, every rest (no padding)."""
+        return len({tuple(h) for h in self.heads}) * len(self.heads[0]) + sum(map(len, self.rests))
+
+
+def stream_layout(seqs: list[tuple[list[int], list[int]]], share_prefix: bool) -> StreamBatch:
+    """The sequences as head + rest (see ``StreamBatch``); targets are where labels are set."""
+    P = max(1, shared_prefix_len(seqs) if share_prefix else 0)
+    score_from = []
+    for ids, labels in seqs:
+        # token j of the rest is ids[P + j]; the first one with a label is the first target
+        first = next((j for j, t in enumerate(labels[P:]) if t != IGNORE), len(ids) - P)
+        score_from.append(first)
+    return StreamBatch([ids[:P] for ids, _ in seqs], [ids[P:] for ids, _ in seqs], score_from)
+
 
 def _rows(seqs: list[tuple[list[int], list[int]]], pack: bool, pack_len: int) -> list[list[int]]:
     """Which sequences share a row: first-fit decreasing when packing, else one per row."""
@@ -261,15 +295,26 @@ def n_targets(seqs: list[tuple[list[int], list[int]]]) -> int:
     return sum(sum(t != IGNORE for t in labels[1:]) for _, labels in seqs)
 
 
-def sft_loss(model: Any, batch: Batch, denominator: float | None = None) -> torch.Tensor:
+def sft_loss(
+    model: Any, batch: Batch | StreamBatch, denominator: float | None = None, pad_id: int = 0
+) -> torch.Tensor:
     """Token-mean cross-entropy over the batch's completion tokens; with ``denominator``, their
     summed cross-entropy over it (a rank's share of a loss over a larger batch).
+
+    A ``StreamBatch`` runs through the trainer's packed log-probs (``logprobs``), which score
+    only the targets; a ``Batch`` (rows) as follows.
 
     Logits are computed only where there is a target: the LM head and softmax skip prompts
     and padding. A shared prefix runs once (one row), and its KV cache is gathered to every row
     with a differentiable index, so its gradient is the sum over rows: the same loss and
     gradients as running it in every row (a test checks both).
     """
+    if isinstance(batch, StreamBatch):
+        logp, mask, _ = logprobs.completion_logprobs(
+            model, batch.heads, batch.rests, pad_id=pad_id, score_from=batch.score_from
+        )
+        total = -(logp * mask).sum()
+        return total / (mask.sum() if denominator is None else denominator)
     device = next(model.parameters()).device
     batch = Batch(*(t.to(device) for t in vars(batch).values()))
     base = getattr(model, "model", None)
@@ -365,16 +410,21 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             mine = [seqs[i] for i in ranks.piece(len(seqs))]
             # a rank without sequences runs one with weight 0: every rank syncs gradients
             weight = float(ranks.world) if mine else 0.0
-            batch = collate(
-                mine or seqs[:1],
-                tokenizer.pad_token_id,
-                cfg.pack,
-                cfg.pack_len,
-                # checkpointed layers run without a KV cache: nothing to share then
-                cfg.share_prefix and not cfg.gradient_checkpointing,
-            )
+            if cfg.stream:
+                batch = stream_layout(mine or seqs[:1], cfg.share_prefix)
+            else:
+                batch = collate(
+                    mine or seqs[:1],
+                    tokenizer.pad_token_id,
+                    cfg.pack,
+                    cfg.pack_len,
+                    # checkpointed layers run without a KV cache: nothing to share then
+                    cfg.share_prefix and not cfg.gradient_checkpointing,
+                )
             # 2. loss on completion tokens only, over the whole step's token count
-            loss = sft_loss(model, batch, denominator=max(1, n_targets(seqs)))
+            loss = sft_loss(
+                model, batch, denominator=max(1, n_targets(seqs)), pad_id=tokenizer.pad_token_id
+            )
             # 3. optimizer step
             accelerator.backward(loss * weight)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -384,7 +434,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             step += 1
             n_tok = sum(len(s[0]) for s in seqs)
             loss_sum, cells = ranks.sum(
-                [loss.item() if mine else 0.0, batch.input_ids.numel() if mine else 0]
+                [loss.item() if mine else 0.0, batch.cells() if mine else 0]
             )
             dt = time.time() - t0
             train_s += dt

@@ -1,0 +1,70 @@
+"""``onednn.linear``: F.linear's values and gradients, on and off, against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ahamoment import lora_linear, onednn
+
+pytestmark = pytest.mark.skipif(not onednn.ENABLED, reason="oneDNN is off or unavailable")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+def test_linear_matches_float64_values_and_gradients(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    up = torch.randn(*shape[:-1], 40, generator=g)
+    y = onednn.linear(x, w, b)
+    (y * up).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    y64 = torch.nn.functional.linear(x64, w64, b64)
+    (y64 * up.double()).sum().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_changed_in_place_are_read_again():
+    """Nothing is cached by weight: an optimizer step in place shows in the next product."""
+    x, w = torch.randn(64, 32), torch.randn(16, 32)
+    before = onednn.linear(x, w)
+    w.mul_(2)
+    torch.testing.assert_close(onednn.linear(x, w), 2 * before)
+
+
+def test_off_means_torch_own(monkeypatch):
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    monkeypatch.setattr(onednn, "ENABLED", False)
+    assert not onednn.applies(x, w)
+    assert onednn.padded_rows(65) == 65
+    assert torch.equal(onednn.linear(x, w), torch.nn.functional.linear(x, w))
+    monkeypatch.setattr(onednn, "ENABLED", True)
+    assert onednn.applies(x, w) and not onednn.applies(x.double(), w.double())
+    assert onednn.padded_rows(65) == 128 and onednn.padded_rows(0) == 0
+
+
+def test_plain_linear_module_goes_through_onednn(monkeypatch):
+    calls = []
+    real = onednn._mm
+    monkeypatch.setattr(onednn, "_mm", lambda *a: calls.append(1) or real(*a))
+    mod = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = lora_linear.linear(mod, x)
+    y.sum().backward()
+    torch.testing.assert_close(y, mod(x))
+    assert len(calls) == 3  # forward, grad x, grad weight
+
+
+def test_cpu_autocast_leaves_the_product_to_torch():
+    """Under ``--bf16`` (CPU autocast) the product must run in bf16, as torch's own would."""
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn.applies(x, w)
+        assert onednn.linear(x, w).dtype == torch.bfloat16
