@@ -164,8 +164,10 @@ def _packed(
     mask = torch.zeros((B, max([width, *lens])), device=device)
     at = tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (r_idx, c_idx))
     mask[at] = 1.0
+    n_src = len(src)
+    src += [0] * (onednn.padded_rows(n_src) - n_src)  # rounded up, as the stream; dropped below
     hid = lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)])
-    logits = lora_linear.linear(lm.lm_head, hid)
+    logits = lora_linear.linear(lm.lm_head, hid)[:n_src]  # (n_src, V)
     targets = torch.tensor(tgt, dtype=torch.long, device=device)
     return _scatter(logits, targets, at, mask, temperature, with_entropy)
 

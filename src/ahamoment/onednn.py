@@ -12,51 +12,81 @@ forward (``decoder``) and by the fused decoding step (``rollout/compiled.py``), 
 tensors only; everything else runs as torch would. ``AHAMOMENT_ONEDNN=0`` in the environment
 turns it off (``ENABLED``; the benches compare both).
 
-oneDNN builds a kernel per shape, about a millisecond the first time and cached afterwards,
-so callers whose row counts vary from call to call round them up to a multiple of ``ROWS``
-(``padded_rows``).
+oneDNN builds a kernel per shape, about a millisecond the first time, and keeps it with a
+work buffer that grows with the rows (several MB for a few thousand rows) in a cache of up to
+1024 shapes. So the row counts a run sees must be few: products run over at most ``BLOCK``
+rows at a time (longer inputs in blocks, the last one as long as what is left), and callers
+whose row counts vary round them up to a multiple of ``ROWS`` (``padded_rows``).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 from torch import Tensor
 
-ENABLED = os.environ.get("AHAMOMENT_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
-"""False: fp32 products on CPU go through torch's own dispatch (MKL)."""
+ENABLED = (
+    os.environ.get("AHAMOMENT_ONEDNN", "1") != "0"
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+)
+"""False: fp32 products on CPU go through torch's own dispatch (MKL). On by default on x86-64
+only: elsewhere torch's own BLAS is the one tuned for the CPU."""
 
 ROWS = 64
 """Row counts of packed streams are rounded up to this multiple (see ``padded_rows``)."""
 
-_op = torch.ops.mkldnn._linear_pointwise
+BLOCK = 1024
+"""Rows per product: longer inputs run in blocks of this many (one kernel shape for all)."""
+
+MIN_ROWS = 32
+"""Fewer rows run as torch's own product: oneDNN's fixed cost per call (a few microseconds)
+outweighs its faster arithmetic below about this many (the decoding step's last rows)."""
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """True where oneDNN runs the product: enabled, fp32 CPU tensors, something to compute, and
-    no CPU autocast (``--bf16``: torch's own ops then run in bf16; this one would not)."""
+    """True where oneDNN runs the product: enabled, fp32 CPU tensors, at least MIN_ROWS rows,
+    and no CPU autocast (``--bf16``: torch's own ops then run in bf16; this one would not)."""
     return (
         ENABLED
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.numel() > 0
+        and x.numel() >= MIN_ROWS * x.shape[-1] > 0
         and not torch.is_autocast_enabled("cpu")
     )
 
 
-def padded_rows(n: int) -> int:
-    """``n`` rounded up to a multiple of ``ROWS`` where oneDNN is on, else ``n``."""
-    return -(-n // ROWS) * ROWS if ENABLED else n
+def padded_rows(n: int, multiple: int = ROWS) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` where oneDNN is on, else ``n``."""
+    return -(-n // multiple) * multiple if ENABLED else n
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)ᵀ + bias, M <= BLOCK; strided operands are read in place."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., K) @ weight (N, K)ᵀ + bias; strided operands are read in place."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    out = _op(x2, weight, bias, "none", [], "")
-    return out.view(*lead, weight.shape[0]) if x.dim() != 2 else out
+    """x (..., K) @ weight (N, K)ᵀ + bias, in blocks of at most BLOCK rows."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    M = x2.shape[0]
+    if M <= BLOCK:
+        out = _product(x2, weight, bias)
+    else:
+        out = torch.cat([_product(x2[s : s + BLOCK], weight, bias) for s in range(0, M, BLOCK)])
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _mm_t(g: Tensor, x: Tensor) -> Tensor:
+    """gᵀ x (N, K) for g (M, N) and x (M, K): the sum over M taken in blocks of BLOCK rows."""
+    out = None
+    for s in range(0, g.shape[0], BLOCK):
+        part = _product(g[s : s + BLOCK].t(), x[s : s + BLOCK].t(), None)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 class _Linear(torch.autograd.Function):
@@ -76,7 +106,7 @@ class _Linear(torch.autograd.Function):
             gx = _mm(g, weight.t())  # (..., K): g @ weight, the transpose read strided
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-            gw = _mm(g2.t(), x2.t())  # (N, K) = gᵀ x
+            gw = _mm_t(g2, x2)  # (N, K) = gᵀ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb

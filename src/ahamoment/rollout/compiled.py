@@ -563,7 +563,7 @@ class FusedLlama:
         self.vp = torch.stack(values).contiguous()  # (L, U, Hkv, Lp, D)
         # left padding: a prompt's valid columns are a suffix, from its first valid column on
         self.pstart = (valid.shape[1] - valid.sum(-1)).to(torch.int64).contiguous()  # (U,)
-        return self.model.lm_head(self.model.model.norm(h[:, -1]))
+        return onednn.linear(self.model.model.norm(h[:, -1]), self.lm_head)
 
     forward = prefill
 
@@ -589,9 +589,12 @@ class FusedLlama:
         self.rp, self.S = rp, S
         C, V = self.embed.shape[1], self.embed.shape[0]
         new = dict(dtype=torch.float32, device=rp.device)
-        self.x = torch.empty(S, C, **new)
-        self.o = torch.empty(S, self.H * self.D, **new)
-        self.a = torch.empty(S, self.I, **new)
+        # the products' inputs, rows rounded up (one oneDNN kernel per 16 slots): the kernels
+        # write the first S rows, the rest stay 0 and their outputs are dropped
+        R = onednn.padded_rows(S, 16)
+        self.x = torch.zeros(R, C, **new)
+        self.o = torch.zeros(R, self.H * self.D, **new)
+        self.a = torch.zeros(R, self.I, **new)
         self.tok = torch.empty(S, dtype=torch.int64, device=rp.device)
         self.lp = torch.empty(S, **new)
         rep = self.H // self.Hkv
@@ -630,7 +633,7 @@ class FusedLlama:
         Lp = self.Lp
         for li, w in enumerate(self.layers):
             lib.rmsnorm(h.data_ptr(), w["ln1"].data_ptr(), x.data_ptr(), S, C, w["ln1_eps"])
-            qkv = onednn.linear(x, w["qkv"], w["qkv_bias"])  # (S, (H + 2 Hkv) D)
+            qkv = onednn.linear(x, w["qkv"], w["qkv_bias"])  # (R, (H + 2 Hkv) D), rows S.. unread
             lib.attn_decode(
                 qkv.data_ptr(),
                 self.cos.data_ptr(),
@@ -655,13 +658,13 @@ class FusedLlama:
                 self.t,
                 self.scaling,
             )
-            h.add_(onednn.linear(o, w["o"]))
+            h.add_(onednn.linear(o, w["o"])[:S])
             lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
             gu = onednn.linear(x, w["gu"])  # (S, 2 I)
             lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
-            h.add_(onednn.linear(a, w["down"]))
+            h.add_(onednn.linear(a, w["down"])[:S])
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
-        self.logits = onednn.linear(x, self.lm_head)  # (S, V)
+        self.logits = onednn.linear(x, self.lm_head)[:S]  # (S, V)
         V = self.logits.shape[1]
         scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
         lib.sample_rows(

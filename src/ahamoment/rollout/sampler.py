@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ahamoment import decoder, lora
+from ahamoment.lora_linear import linear, mlp
 from ahamoment.rollout import compiled
 from ahamoment.rollout.base import (
     ENGINES,
@@ -150,7 +151,7 @@ class _LlamaLike:
         self.pvalid = valid.clone()
         if last_only:
             h = h[:, -1]
-        return self.model.lm_head(self.model.model.norm(h))
+        return linear(self.model.lm_head, self.model.model.norm(h))
 
     forward = prefill  # the prefill is the only multi-token forward
 
@@ -252,10 +253,10 @@ class _LlamaLike:
             for j in range(nb):  # (U, Hkv, G, rep, D)
                 o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j]
             o = o.transpose(1, 2).reshape(S, 1, -1)  # (S, 1, H*D), heads in model order
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + linear(attn.o_proj, o)
+            h = h + mlp(layer.mlp, layer.post_attention_layernorm(h))
         self.t = t + 1
-        return self.model.lm_head(self.model.model.norm(h[:, 0]))
+        return linear(self.model.lm_head, self.model.model.norm(h[:, 0]))
 
 
 class _HFCache:
