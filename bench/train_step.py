@@ -4,7 +4,8 @@
 against peft's own LoRA layers. ``--compare gather``: every attention bucket's rows gathered
 by one ``index_select`` per tensor and layer (``logprobs._RowBuckets.GATHER_ONCE``) against one
 gather per bucket. ``--compare onednn``: the products through oneDNN (``onednn.py``) against
-torch's own fp32 dispatch (MKL).
+torch's own fp32 dispatch (MKL). ``--compare grads``: the adapters' gradients by the one-pass
+kernel (``lora_linear.FUSED_GRADS``) against four matrix products.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
 every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
@@ -18,8 +19,8 @@ of back-to-back pairs.
     python bench/train_step.py --compare gather --threads 2 # as aha zero runs on 2 cores
     python bench/train_step.py --quick                      # smoke
 
-The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X`` for the
-other comparisons).
+The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X``,
+``grads_speedup=X`` for the other comparisons).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def batch(seed: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, completions
 
 
-def time_side(model, batches, merged: bool, once: bool = True, dnn: bool = True) -> float:
-    lora_linear.ENABLED = merged
+def time_side(
+    model, batches, merged: bool, once: bool = True, dnn: bool = True, fused: bool = True
+) -> float:
+    lora_linear.ENABLED, lora_linear.FUSED_GRADS = merged, fused
     logprobs._RowBuckets.GATHER_ONCE = once
     onednn.ENABLED = dnn
     times = []
@@ -73,7 +76,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="Timed calls per side and repeat.")
     ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
     ap.add_argument(
-        "--compare", choices=("lora", "gather", "onednn"), default="lora", help="What to compare."
+        "--compare",
+        choices=("lora", "gather", "onednn", "grads"),
+        default="lora",
+        help="What to compare.",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads.")
     args = ap.parse_args()
@@ -102,21 +108,26 @@ def main() -> None:
         elif args.compare == "onednn":
             before_s = time_side(model, batches, merged=True, dnn=False)
             ours_s = time_side(model, batches, merged=True, dnn=True)
+        elif args.compare == "grads":
+            before_s = time_side(model, batches, merged=True, fused=False)
+            ours_s = time_side(model, batches, merged=True, fused=True)
         else:
             before_s = time_side(model, batches, merged=False)
             ours_s = time_side(model, batches, merged=True)
         ratios.append(before_s / ours_s)
         rows.append((r, before_s, ours_s))
     lora_linear.ENABLED, logprobs._RowBuckets.GATHER_ONCE, onednn.ENABLED = True, True, dnn_on
+    lora_linear.FUSED_GRADS = True
     print(f"batch: 128 rows, {tokens} completion tokens in the first; {args.threads} thread(s)")
     heads = {
         "gather": ("gather per bucket (s)", "gather once (s)"),
         "onednn": ("torch's MKL (s)", "oneDNN (s)"),
+        "grads": ("four products (s)", "one-pass kernel (s)"),
     }.get(args.compare, ("peft LoRA (s)", "merged product (s)"))
     print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:
         print(f"{r:>6}  {a:>{len(heads[0])}.3f}  {b:>{len(heads[1])}.3f}  {a / b:.2f}")
-    name = {"gather": "gather_speedup", "onednn": "onednn_speedup"}.get(
+    name = {"gather": "gather_speedup", "onednn": "onednn_speedup", "grads": "grads_speedup"}.get(
         args.compare, "train_step_speedup"
     )
     print(f"{name}={statistics.median(ratios):.2f}")

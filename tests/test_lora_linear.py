@@ -60,3 +60,44 @@ def test_what_it_cannot_run_runs_as_itself(monkeypatch):
     assert lora_linear._plain_lora(merged) is None
     monkeypatch.setattr(lora_linear, "ENABLED", False)
     assert lora_linear._plain_lora(_adapted()) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300, 1100])
+def test_one_pass_adapter_gradients_match_float64(rows):
+    """The C kernel's gradients of A and B against the four products in float64."""
+    from ahamoment.rollout import compiled
+
+    g = torch.Generator().manual_seed(rows)
+    x, gy = torch.randn(rows, 24, generator=g), torch.randn(rows, 40, generator=g)
+    a, b = torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g)
+    out = compiled.lora_grads(x, gy, a, b, 2.5)
+    if out is None:
+        pytest.skip("no C compiler for the kernels")
+    ga, gb = out
+    x64, g64, a64, b64 = (t.double() for t in (x, gy, a, b))
+    # float32 sums over `rows` terms: agreement to 1e-5 of the largest entry
+    for got, ref in ((ga, (g64 @ b64).T @ x64 * 2.5), (gb, g64.T @ (x64 @ a64.T) * 2.5)):
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * scale)
+    assert gb.shape == (40, 4) and ga.shape == (4, 24)
+
+
+def test_adapter_gradients_by_kernel_equal_the_products(monkeypatch):
+    """One merged LoRA projection's backward with and without the one-pass kernel."""
+    from ahamoment import lora_linear as LL
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 50, 16, generator=g, requires_grad=True)
+    w = torch.randn(24, 16, generator=g)
+    a = torch.randn(4, 16, generator=g, requires_grad=True)
+    b = torch.randn(24, 4, generator=g, requires_grad=True)
+    up = torch.randn(2, 50, 24, generator=g)
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(LL, "FUSED_GRADS", fused)
+        for t in (x, a, b):
+            t.grad = None
+        (LL._MergedLoraLinear.apply(x, w, None, a, b, 2.0) * up).sum().backward()
+        grads.append([t.grad.clone() for t in (x, a, b)])
+    for p, q in zip(*grads):  # float32 sums in another order: to 1e-5 of the largest entry
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5 * q.abs().max().item())

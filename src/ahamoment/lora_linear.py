@@ -39,11 +39,28 @@ class _MergedLoraLinear(torch.autograd.Function):
         gx = onednn.linear(g, merged.t()) if ctx.needs_input_grad[0] else None
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, C_in), (N, C_out)
         ga = gb = None
-        if ctx.needs_input_grad[3]:
-            ga = (g2 @ b).T @ x2 * s  # (r, C_in)
-        if ctx.needs_input_grad[4]:
-            gb = g2.T @ (x2 @ a.T) * s  # (C_out, r)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            fused = _one_pass_grads(x2, g2, a, b, s)
+            if fused is not None:
+                ga, gb = fused
+            else:
+                ga = (g2 @ b).T @ x2 * s  # (r, C_in)
+                gb = g2.T @ (x2 @ a.T) * s  # (C_out, r)
         return gx, None, None, ga, gb, None
+
+
+FUSED_GRADS = True
+"""Adapters' gradients by one pass over x and g (a C kernel, ``rollout/compiled.py``) where it
+builds, instead of four thin matrix products that read each twice (the same sums in another
+order). False: the products (``bench/train_step.py --compare grads``)."""
+
+
+def _one_pass_grads(x2: Tensor, g2: Tensor, a: Tensor, b: Tensor, s: float):
+    if not FUSED_GRADS:
+        return None
+    from ahamoment.rollout import compiled  # the kernels live with the decoding step's
+
+    return compiled.lora_grads(x2, g2, a, b, s)
 
 
 ENABLED = True
