@@ -243,3 +243,19 @@ def test_stream_layout_scores_targets_only_by_hand(tiny_model):
         logp = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0], -1)  # (6, V)
     by_hand = -(logp[2, 3] + logp[3, 4] + logp[4, 9]) / 3
     assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
+
+
+def test_stream_runs_only_where_the_packed_forward_does(tiny_model):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ahamoment.stages.sft import runs_as_stream
+
+    one = SimpleNamespace(distributed_type=DistributedType.NO)
+    assert runs_as_stream(SFTConfig(data="x"), tiny_model, one)
+    assert not runs_as_stream(SFTConfig(data="x", stream=False), tiny_model, one)
+    assert not runs_as_stream(SFTConfig(data="x", gradient_checkpointing=True), tiny_model, one)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        acc = SimpleNamespace(distributed_type=sharded)
+        assert not runs_as_stream(SFTConfig(data="x"), tiny_model, acc)

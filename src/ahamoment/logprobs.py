@@ -101,6 +101,13 @@ def _from_column(mask: torch.Tensor, score_from: Sequence[int] | None) -> torch.
     return mask * (torch.arange(mask.shape[1], device=mask.device)[None] >= start)
 
 
+def packs(model: torch.nn.Module) -> bool:
+    """Whether ``completion_logprobs`` runs ``model`` packed (sequence lengths permitting)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
+    return decoder.supports(lora.sampling_model(model))
+
+
 def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module | None:
     """The HF causal LM to run packed (inside a peft wrapper if any), or None."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):

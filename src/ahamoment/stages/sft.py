@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from rich.console import Console
 
 from ahamoment import atomic, logprobs, training
@@ -63,7 +64,7 @@ class SFTConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     share_prefix: bool = True
     """Run the token prefix all of a step's sequences share (e.g. the R1-Zero template) once and attend to its KV cache from every row: the same loss and gradients, less compute."""
     stream: bool = True
-    """Run the step's sequences as one stream with no padding (the RL trainer's packed forward on Llama/Qwen2/Mistral: every projection one product over all tokens, attention per sequence, the shared prefix once); --no-stream lays them out in rows (--pack, --pack-len). Same loss and gradients."""
+    """Run the step's sequences as one stream with no padding (the RL trainer's packed forward: every projection one product over all tokens, attention per sequence, the shared prefix once). Llama/Qwen2/Mistral in one process without gradient checkpointing; elsewhere, and with --no-stream, rows as set by --pack and --pack-len. Same loss and gradients."""
     # shared-group defaults that differ for this stage (docs in args.py); heldout_n 0: no
     # evaluation at the end
     warmup: int = 20
@@ -196,6 +197,14 @@ class StreamBatch:
     def cells(self) -> int:
         """Token positions computed: the shared head once, every rest (no padding)."""
         return len({tuple(h) for h in self.heads}) * len(self.heads[0]) + sum(map(len, self.rests))
+
+
+def runs_as_stream(cfg: SFTConfig, model: Any, accelerator: Any) -> bool:
+    """``--stream`` where the packed forward runs: a Llama-style model (not DDP-wrapped), no
+    gradient checkpointing (it needs the model's own forward), parameters not sharded (FSDP
+    and DeepSpeed gather them in the model's own forward, which the packed path bypasses)."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return cfg.stream and not cfg.gradient_checkpointing and not sharded and logprobs.packs(model)
 
 
 def stream_layout(seqs: list[tuple[list[int], list[int]]], share_prefix: bool) -> StreamBatch:
@@ -399,6 +408,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         )
 
     model.train()
+    stream = runs_as_stream(cfg, model, accelerator)
     with progress_bar(console) as bar, interruptible(on_interrupt):
         bar_id = bar.add_task("aha sft", total=steps, completed=step, info="")
         while step < steps:
@@ -410,7 +420,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             mine = [seqs[i] for i in ranks.piece(len(seqs))]
             # a rank without sequences runs one with weight 0: every rank syncs gradients
             weight = float(ranks.world) if mine else 0.0
-            if cfg.stream:
+            if stream:
                 batch = stream_layout(mine or seqs[:1], cfg.share_prefix)
             else:
                 batch = collate(
