@@ -218,6 +218,9 @@ def test_stream_layout_gives_the_rows_loss_and_gradients(tiny_model, share_prefi
     rows = collate(seqs, pad_id=0, pack=False, pack_len=24)
     assert stream.n_targets() == rows.n_targets() == 4 + 9 + 2 + 5 + 11
     assert stream.cells() < rows.cells()
+    # padding: none in the stream; in the rows, every position past each sequence's end
+    assert stream.pad_cells(seqs) == 0
+    assert rows.pad_cells(seqs) == rows.cells() - sum(len(ids) for ids, _ in seqs) > 0
     out = []
     for batch in (rows, stream):
         tiny_model.zero_grad()

@@ -104,17 +104,16 @@ def _from_column(mask: torch.Tensor, score_from: Sequence[int] | None) -> torch.
 def packs(model: torch.nn.Module) -> bool:
     """Whether ``completion_logprobs`` runs ``model`` packed (sequence lengths permitting)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return False
+        return False  # its gradient sync is armed by its own forward
+    # peft: the HF model inside, adapters stay in the layers
     return decoder.supports(lora.sampling_model(model))
 
 
 def _packable(model: torch.nn.Module, prompts, completions) -> torch.nn.Module | None:
     """The HF causal LM to run packed (inside a peft wrapper if any), or None."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None  # its gradient sync is armed by its own forward
-    lm = lora.sampling_model(model)  # peft: the HF model inside, adapters stay in the layers
-    if not decoder.supports(lm):
+    if not packs(model):
         return None
+    lm = lora.sampling_model(model)
     longest = max((len(p) + len(c) for p, c in zip(prompts, completions)), default=0)
     return lm if decoder.fits_window(lm, longest) else None
 
@@ -146,7 +145,7 @@ def _packed(
         torch.tensor(stream, dtype=torch.long, device=device)
     )  # (N + n_pad, C)
     cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
-    cos, sin = cos[0], sin[0]  # (N, D)
+    cos, sin = cos[0], sin[0]  # (N + n_pad, D)
     plan = _RowBuckets(seg, row_u, valid, N, N + n_pad)
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn

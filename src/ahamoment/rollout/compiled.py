@@ -658,9 +658,10 @@ class FusedLlama:
         self.rp, self.S = rp, S
         C, V = self.embed.shape[1], self.embed.shape[0]
         new = dict(dtype=torch.float32, device=rp.device)
-        # the products' inputs, rows rounded up (one oneDNN kernel per 16 slots): the kernels
-        # write the first S rows, the rest stay 0 and their outputs are dropped
-        R = onednn.padded_rows(S, 16)
+        # the products' inputs, rows rounded up where oneDNN takes them (one kernel per 16
+        # slots; fewer than MIN_ROWS go to torch as they are): the kernels write the first S
+        # rows, the rest stay 0 and their outputs are dropped
+        R = S if S < onednn.MIN_ROWS else onednn.padded_rows(S, 16)
         self.x = torch.zeros(R, C, **new)
         self.o = torch.zeros(R, self.H * self.D, **new)
         self.a = torch.zeros(R, self.I, **new)

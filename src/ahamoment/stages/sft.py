@@ -178,8 +178,13 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
     def cells(self) -> int:
-        """Token positions computed (padding included)."""
+        """Token positions computed (padding included; the shared prefix once)."""
         return self.input_ids.numel() + len(self.prefix_ids)
+
+    def pad_cells(self, seqs: list[tuple[list[int], list[int]]]) -> int:
+        """Positions computed that are padding, for the sequences laid out here."""
+        P = len(self.prefix_ids)
+        return self.cells() - (sum(len(ids) for ids, _ in seqs) - (len(seqs) - 1) * P)
 
 
 @dataclass
@@ -195,8 +200,12 @@ class StreamBatch:
         return sum(len(r) - j for r, j in zip(self.rests, self.score_from))
 
     def cells(self) -> int:
-        """Token positions computed: the shared head once, every rest (no padding)."""
+        """Token positions computed: each distinct head once, every rest."""
         return len({tuple(h) for h in self.heads}) * len(self.heads[0]) + sum(map(len, self.rests))
+
+    def pad_cells(self, seqs: list[tuple[list[int], list[int]]]) -> int:
+        """No padding (what the packed forward rounds up internally is not counted)."""
+        return 0
 
 
 def runs_as_stream(cfg: SFTConfig, model: Any, accelerator: Any) -> bool:
@@ -443,8 +452,8 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_tok = sum(len(s[0]) for s in seqs)
-            loss_sum, cells = ranks.sum(
-                [loss.item() if mine else 0.0, batch.cells() if mine else 0]
+            loss_sum, pads, cells = ranks.sum(
+                [loss.item(), batch.pad_cells(mine), batch.cells()] if mine else [0.0, 0, 0]
             )
             dt = time.time() - t0
             train_s += dt
@@ -456,7 +465,7 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
                 "tok_s": n_tok / max(dt, 1e-9),
-                "pad_share": 1 - n_tok / max(cells, 1.0),
+                "pad_share": pads / max(cells, 1.0),
             }
             if ranks.main:
                 run.append("metrics.jsonl", row)
