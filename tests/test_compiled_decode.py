@@ -9,6 +9,7 @@ over 128 x 128 tokens). ``ATOL`` = 1e-5 leaves 10x margin here and still catches
 error (a wrong mask or a missing key moves log-probs by > 1e-2).
 """
 
+import copy
 import random
 import sys
 import warnings
@@ -82,6 +83,22 @@ def test_greedy_tokens_equal_eager(tiny_model):
     prompts = _prompts(6, tiny_model.config.vocab_size)  # mixed lengths: left padding
     eager, fused = _both(tiny_model, prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
     _assert_same(eager, fused)
+
+
+def test_lm_head_bias_counts_at_every_step(tiny_model):
+    """A biased LM head (untied, random bias): the fused step adds the bias as eager does."""
+    model = copy.deepcopy(tiny_model)
+    V, C = model.lm_head.weight.shape
+    head = torch.nn.Linear(C, V, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.copy_(torch.randn(V, generator=torch.Generator().manual_seed(4)) * 3)
+    model.lm_head = head
+    prompts = _prompts(6, V)
+    eager, fused = _both(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
+    _assert_same(eager, fused)
+    plain = _both(tiny_model, prompts, SamplingParams(temperature=0.0, max_new_tokens=20))[0]
+    assert [o.ids for o in plain] != [o.ids for o in eager]  # the bias changes the tokens
 
 
 @pytest.mark.parametrize("model_name", ["tiny_model", "gqa_model", "qwen2_model"])

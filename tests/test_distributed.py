@@ -48,8 +48,11 @@ ZERO = dict(
     eval_every=0, real_eval=False, threads=1, save_every=2, keep_checkpoints=5, minibatches=2,
     seed_block=2, reward="reward_plugin:length_penalty=1.0,format=0.1", lr=1e-2, warmup=1,
 )  # fmt: skip
+# stream=False: under DDP `aha sft` lays sequences out in rows (runs_as_stream), so the
+# one-process run does too; the stream's agreement with the rows is tests/test_sft.py's
 SFT = dict(
     epochs=1, batch_size=8, lr=1e-2, warmup=1, heldout_n=0, threads=1, save_every=0, pack=True,
+    stream=False,
 )  # fmt: skip
 
 

@@ -617,6 +617,8 @@ class FusedLlama:
         self.norm = inner.norm.weight.detach().contiguous()
         self.embed = inner.embed_tokens.weight.detach()
         self.lm_head = model.lm_head.weight.detach().contiguous()  # (V, C)
+        bias = getattr(model.lm_head, "bias", None)
+        self.lm_head_bias = None if bias is None else bias.detach()  # (V,)
         self.I = inner.layers[0].mlp.gate_proj.out_features
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # (1, P, D), HF's own
@@ -632,7 +634,7 @@ class FusedLlama:
         self.vp = torch.stack(values).contiguous()  # (L, U, Hkv, Lp, D)
         # left padding: a prompt's valid columns are a suffix, from its first valid column on
         self.pstart = (valid.shape[1] - valid.sum(-1)).to(torch.int64).contiguous()  # (U,)
-        return onednn.linear(self.model.model.norm(h[:, -1]), self.lm_head)
+        return onednn.linear(self.model.model.norm(h[:, -1]), self.lm_head, self.lm_head_bias)
 
     forward = prefill
 
@@ -734,7 +736,7 @@ class FusedLlama:
             lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
             h.add_(onednn.linear(a, w["down"])[:S])
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
-        self.logits = onednn.linear(x, self.lm_head)[:S]  # (S, V)
+        self.logits = onednn.linear(x, self.lm_head, self.lm_head_bias)[:S]  # (S, V)
         V = self.logits.shape[1]
         scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
         lib.sample_rows(
