@@ -172,16 +172,21 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model, pack):
     assert len(shared.prefix_ids) == 12 and len(plain.prefix_ids) == 0
     assert shared.input_ids.shape[1] < plain.input_ids.shape[1]
     assert shared.n_targets() == plain.n_targets()
-    grads = []
-    for batch in (plain, shared):
-        tiny_model.zero_grad()
-        loss = sft_loss(tiny_model, batch, denominator=10.0)
+    _assert_same_loss_and_gradients(tiny_model, plain, shared, denominator=10.0)
+
+
+def _assert_same_loss_and_gradients(model, a, b, denominator: float) -> None:
+    """``sft_loss`` of batches ``a`` and ``b`` and its gradients agree to fp32 rounding."""
+    out = []
+    for batch in (a, b):
+        model.zero_grad()
+        loss = sft_loss(model, batch, denominator=denominator)
         loss.backward()
-        grads.append((loss.item(), [p.grad.clone() for p in tiny_model.parameters()]))
-    tiny_model.zero_grad()
-    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
-    for a, b in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        out.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    assert out[1][0] == pytest.approx(out[0][0], abs=1e-5)
+    for x, y in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -221,16 +226,7 @@ def test_stream_layout_gives_the_rows_loss_and_gradients(tiny_model, share_prefi
     # padding: none in the stream; in the rows, every position past each sequence's end
     assert stream.pad_cells(seqs) == 0
     assert rows.pad_cells(seqs) == rows.cells() - sum(len(ids) for ids, _ in seqs) > 0
-    out = []
-    for batch in (rows, stream):
-        tiny_model.zero_grad()
-        loss = sft_loss(tiny_model, batch, denominator=7.0)
-        loss.backward()
-        out.append((loss.item(), [p.grad.clone() for p in tiny_model.parameters()]))
-    tiny_model.zero_grad()
-    assert out[1][0] == pytest.approx(out[0][0], abs=1e-5)
-    for a, b in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _assert_same_loss_and_gradients(tiny_model, rows, stream, denominator=7.0)
 
 
 def test_stream_layout_scores_targets_only_by_hand(tiny_model):
