@@ -5,7 +5,10 @@ against peft's own LoRA layers. ``--compare gather``: every attention bucket's r
 by one ``index_select`` per tensor and layer (``logprobs._RowBuckets.GATHER_ONCE``) against one
 gather per bucket. ``--compare onednn``: the products through oneDNN (``onednn.py``) against
 torch's own fp32 dispatch (MKL). ``--compare grads``: the adapters' gradients by the one-pass
-kernel (``lora_linear.FUSED_GRADS``) against four matrix products.
+kernel (``lora_linear.FUSED_GRADS``) against four matrix products. ``--compare attention``: the
+stream's attention by two C kernels over the whole stream (``stream_attention.py``) against SDPA
+over buckets of rows. ``--compare fused``: RMS norms and SiLU gates by C kernels
+(``fused_ops.py``) against the HF modules.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
 every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
@@ -20,7 +23,7 @@ of back-to-back pairs.
     python bench/train_step.py --quick                      # smoke
 
 The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X``,
-``grads_speedup=X`` for the other comparisons).
+``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X`` for the other comparisons).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 
 import torch
 
-from ahamoment import logprobs, lora, lora_linear, onednn
+from ahamoment import fused_ops, logprobs, lora, lora_linear, onednn, stream_attention
 from ahamoment.base_models import shipped_model
 from ahamoment.logprobs import completion_logprobs
 from ahamoment.stages.pretrain import PretrainConfig
@@ -54,9 +57,17 @@ def batch(seed: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def time_side(
-    model, batches, merged: bool, once: bool = True, dnn: bool = True, fused: bool = True
+    model,
+    batches,
+    merged: bool,
+    once: bool = True,
+    dnn: bool = True,
+    fused: bool = True,
+    attn: bool = True,
+    ops: bool = True,
 ) -> float:
     lora_linear.ENABLED, lora_linear.FUSED_GRADS = merged, fused
+    stream_attention.ENABLED, fused_ops.ENABLED = attn, ops
     logprobs._RowBuckets.GATHER_ONCE = once
     onednn.ENABLED = dnn
     times = []
@@ -77,7 +88,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
     ap.add_argument(
         "--compare",
-        choices=("lora", "gather", "onednn", "grads"),
+        choices=("lora", "gather", "onednn", "grads", "attention", "fused"),
         default="lora",
         help="What to compare.",
     )
@@ -102,9 +113,15 @@ def main() -> None:
     gather = args.compare == "gather"
     dnn_on = onednn.ENABLED
     for r in range(args.repeats):
-        if gather:
-            before_s = time_side(model, batches, merged=True, once=False)
-            ours_s = time_side(model, batches, merged=True, once=True)
+        if gather:  # the buckets' gathers: attention by the buckets on both sides
+            before_s = time_side(model, batches, merged=True, once=False, attn=False)
+            ours_s = time_side(model, batches, merged=True, once=True, attn=False)
+        elif args.compare == "attention":
+            before_s = time_side(model, batches, merged=True, attn=False)
+            ours_s = time_side(model, batches, merged=True, attn=True)
+        elif args.compare == "fused":
+            before_s = time_side(model, batches, merged=True, ops=False)
+            ours_s = time_side(model, batches, merged=True, ops=True)
         elif args.compare == "onednn":
             before_s = time_side(model, batches, merged=True, dnn=False)
             ours_s = time_side(model, batches, merged=True, dnn=True)
@@ -117,19 +134,19 @@ def main() -> None:
         ratios.append(before_s / ours_s)
         rows.append((r, before_s, ours_s))
     lora_linear.ENABLED, logprobs._RowBuckets.GATHER_ONCE, onednn.ENABLED = True, True, dnn_on
-    lora_linear.FUSED_GRADS = True
+    lora_linear.FUSED_GRADS = stream_attention.ENABLED = fused_ops.ENABLED = True
     print(f"batch: 128 rows, {tokens} completion tokens in the first; {args.threads} thread(s)")
     heads = {
         "gather": ("gather per bucket (s)", "gather once (s)"),
         "onednn": ("torch's MKL (s)", "oneDNN (s)"),
         "grads": ("four products (s)", "one-pass kernel (s)"),
+        "attention": ("SDPA buckets (s)", "stream kernels (s)"),
+        "fused": ("HF modules (s)", "C kernels (s)"),
     }.get(args.compare, ("peft LoRA (s)", "merged product (s)"))
     print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:
         print(f"{r:>6}  {a:>{len(heads[0])}.3f}  {b:>{len(heads[1])}.3f}  {a / b:.2f}")
-    name = {"gather": "gather_speedup", "onednn": "onednn_speedup", "grads": "grads_speedup"}.get(
-        args.compare, "train_step_speedup"
-    )
+    name = f"{args.compare}_speedup" if args.compare != "lora" else "train_step_speedup"
     print(f"{name}={statistics.median(ratios):.2f}")
 
 

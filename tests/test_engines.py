@@ -80,8 +80,10 @@ def test_prefill_logits_match_hf_forward(models, arch):
         ours = S._LlamaLike(model).forward(ids, pos, valid, last_only=False)  # (3, T, V)
         for i, p in enumerate(prompts):
             ref = model(torch.tensor([p])).logits[0]  # (len(p), V), unpadded
-            # float32, same modules, different attention kernels: differences are ~1e-6
-            torch.testing.assert_close(ours[i, T - len(p) :], ref, atol=1e-5, rtol=0)
+            # float32, same formulas, other kernels (attention, RMS norm, SiLU) summing in
+            # their own order: differences are ~1e-6 of the largest logit
+            tol = 4e-6 * ref.abs().max().item()
+            torch.testing.assert_close(ours[i, T - len(p) :], ref, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

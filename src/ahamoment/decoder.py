@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ahamoment import fused_ops
 from ahamoment.lora_linear import linear, mlp
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -60,7 +61,7 @@ def prefill(
     keys, values = [], []
     for layer in model.model.layers:
         attn = layer.self_attn
-        q, k, v = qkv(attn, layer.input_layernorm(h), cos, sin)
+        q, k, v = qkv(attn, fused_ops.rms_norm(layer.input_layernorm, h), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (U, H|Hkv, S, D)
         keys.append(k)
         values.append(v)
@@ -68,5 +69,5 @@ def prefill(
             q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
         h = h + linear(attn.o_proj, o.transpose(1, 2).reshape(U, S, -1))
-        h = h + mlp(layer.mlp, layer.post_attention_layernorm(h))
+        h = h + mlp(layer.mlp, fused_ops.rms_norm(layer.post_attention_layernorm, h))
     return h, keys, values

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ahamoment import decoder, lora, lora_linear, onednn
+from ahamoment import decoder, fused_ops, lora, lora_linear, onednn, stream_attention
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,13 +146,18 @@ def _packed(
     )  # (N + n_pad, C)
     cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
     cos, sin = cos[0], sin[0]  # (N + n_pad, D)
-    plan = _RowBuckets(seg, row_u, valid, N, N + n_pad)
+    head_dim = lm.model.layers[0].self_attn.head_dim
+    plan = stream_attention.plan(seg, row_u, valid, N + n_pad, hp, head_dim) or _RowBuckets(
+        seg, row_u, valid, N, N + n_pad
+    )
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
-        q, k, v = decoder.qkv(attn, layer.input_layernorm(h), cos, sin)  # (N, H|Hkv, D)
+        q, k, v = decoder.qkv(
+            attn, fused_ops.rms_norm(layer.input_layernorm, h), cos, sin
+        )  # (N, H|Hkv, D)
         o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
         h = h + lora_linear.linear(attn.o_proj, o)
-        h = h + lora_linear.mlp(layer.mlp, layer.post_attention_layernorm(h))
+        h = h + lora_linear.mlp(layer.mlp, fused_ops.rms_norm(layer.post_attention_layernorm, h))
 
     # predicting positions: each row's prompt end (token 0), then its stream (tokens 1..)
     hid = torch.cat([hp[:, -1], h])  # (U + N, C)
@@ -172,7 +177,7 @@ def _packed(
     mask[at] = 1.0
     n_src = len(src)
     src += [0] * (onednn.padded_rows(n_src) - n_src)  # rounded up, as the stream; dropped below
-    hid = lm.model.norm(hid[torch.tensor(src, dtype=torch.long, device=device)])
+    hid = fused_ops.rms_norm(lm.model.norm, hid[torch.tensor(src, dtype=torch.long, device=device)])
     logits = lora_linear.linear(lm.lm_head, hid)[:n_src]  # (n_src, V)
     targets = torch.tensor(tgt, dtype=torch.long, device=device)
     return _scatter(logits, targets, at, mask, temperature, with_entropy)

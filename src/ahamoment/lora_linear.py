@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ahamoment import onednn
+from ahamoment import fused_ops, onednn
 
 
 class _MergedLoraLinear(torch.autograd.Function):
@@ -103,4 +103,4 @@ def mlp(block: torch.nn.Module, x: Tensor) -> Tensor:
     if not all(hasattr(block, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return block(x)
     gate, up = linear(block.gate_proj, x), linear(block.up_proj, x)
-    return linear(block.down_proj, block.act_fn(gate) * up)
+    return linear(block.down_proj, fused_ops.silu_mul(block.act_fn, gate, up))

@@ -61,7 +61,7 @@ from transformers import PreTrainedModel
 from ahamoment import decoder, onednn
 from ahamoment.models import cache_dir
 
-__all__ = ["FusedLlama", "fused_runner", "kernels", "lora_grads"]
+__all__ = ["FusedLlama", "fused_runner", "kernels", "loaded", "lora_grads"]
 
 _C_SOURCE = r"""
 /* Fused kernels for one decoding step of a Llama-style decoder: fp32, CPU, contiguous tensors.
@@ -261,6 +261,287 @@ void lora_grads(const float *restrict x, const float *restrict g, const float *r
     }
 }
 
+/* The trainer's RMS norm and SiLU gate, forward and backward (train_kernels.py). Rows are split
+   over nthreads in contiguous ranges; each row's arithmetic is the same whatever the split. */
+
+/* y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row: x, y (S, C), w (C,), r (S,). */
+void rms_fwd(const float *restrict x, const float *restrict w, float *restrict y,
+             float *restrict r, int64_t S, int64_t C, float eps, int64_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 64)
+#endif
+    for (int64_t s = 0; s < S; s++) {
+        const float *xs = x + s * C;
+        float *ys = y + s * C, ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
+        const float rs = 1.0f / sqrtf(ss / (float)C + eps);
+        r[s] = rs;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * rs);
+    }
+}
+
+/* From gy (S, C): gx = r (w gy) - x r^3 / C sum_c(w gy x) per row; if gw is not NULL, gw (C,)
+   = sum over rows of gy x r, summed per thread in scratch (nthreads C floats), then in thread
+   order. */
+void rms_bwd(const float *restrict x, const float *restrict w, const float *restrict r,
+             const float *restrict gy, float *restrict gx, float *restrict gw,
+             float *restrict scratch, int64_t S, int64_t C, int64_t nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (gw) memset(scratch, 0, nthreads * C * sizeof(float));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && S >= 64)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int64_t t = 0, nt = 1;
+#endif
+        float *part = scratch + t * C;
+        for (int64_t s = S * t / nt; s < S * (t + 1) / nt; s++) {
+            const float *xs = x + s * C, *gs = gy + s * C, rs = r[s];
+            float *o = gx + s * C, dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t c = 0; c < C; c++) dot += w[c] * gs[c] * xs[c];
+            const float k = dot * rs * rs * rs / (float)C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) o[c] = rs * (w[c] * gs[c]) - xs[c] * k;
+            if (gw) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) part[c] += gs[c] * (xs[c] * rs);
+            }
+        }
+    }
+    if (gw)
+        for (int64_t c = 0; c < C; c++) {
+            float acc = 0.0f;
+            for (int64_t t = 0; t < nthreads; t++) acc += scratch[t * C + c];
+            gw[c] = acc;
+        }
+}
+
+/* a = silu(g) * u: g, u, a (n,), n split over nthreads. */
+void silu_fwd(const float *restrict g, const float *restrict u, float *restrict a, int64_t n,
+              int64_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= 65536)
+#endif
+    for (int64_t b = 0; b < n; b += 4096) {
+        const int64_t e = b + 4096 < n ? b + 4096 : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; i++) a[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+    }
+}
+
+/* From ga (n,): gg = ga u sigma(g) (1 + g (1 - sigma(g))), gu = ga silu(g). */
+void silu_bwd(const float *restrict g, const float *restrict u, const float *restrict ga,
+              float *restrict gg, float *restrict gu, int64_t n, int64_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= 65536)
+#endif
+    for (int64_t b = 0; b < n; b += 4096) {
+        const int64_t e = b + 4096 < n ? b + 4096 : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; i++) {
+            const float sg = 1.0f / (1.0f + exp_(-g[i]));
+            gu[i] = ga[i] * (g[i] * sg);
+            gg[i] = ga[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+        }
+    }
+}
+
+/* Attention of the trainer's packed stream (stream_attention.py): segment r holds stream rows
+   start .. start+m-1 (seg[3r], seg[3r+1]) of one sequence whose prompt is u = seg[3r+2]; its
+   row j attends to that prompt's valid keys (columns pstart[u] .. Lp-1 of kp[u]), then to its
+   own stream keys 0 .. j. q (N, H, D), k and v (N, Hkv, D): the stream's rotated queries and
+   keys, and values; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
+   Scores are (scale q) . k. Per thread, scratch holds per_thread >= 5 T8(L) D + 2 T8(L) +
+   4 TILE + 2 D floats, L = np + m the longest segment's keys. */
+#define T8(n) (((n) + TILE - 1) / TILE * TILE)
+
+/* keys 0 .. L-1 of (segment, kv head): the prompt's valid ones, then the stream's, into tiles
+   kt (T8(L) / 8, D, 8) (missing lanes 0) and, if rows is not NULL, rows (L, D). */
+INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, int64_t np, int64_t L,
+                      int64_t kstride, float *restrict kt, float *restrict rows, int64_t D) {
+    if (L % TILE) memset(kt + (L / TILE) * D * TILE, 0, D * TILE * sizeof(float));
+    for (int64_t l = 0; l < L; l++) {
+        const float *key = l < np ? kpg + l * D : ks + (l - np) * kstride;
+        float *t = kt + (l / TILE) * D * TILE + l % TILE;
+        for (int64_t d = 0; d < D; d++) t[d * TILE] = key[d];
+        if (rows) memcpy(rows + l * D, key, D * sizeof(float));
+    }
+}
+
+INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const float *restrict v,
+                        const float *restrict kp, const float *restrict vp,
+                        const int64_t *restrict seg, const int64_t *restrict pstart,
+                        float *restrict o, float *restrict lse, float *restrict buf, int64_t r,
+                        int64_t g, int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
+    const int64_t start = seg[3 * r], m = seg[3 * r + 1], u = seg[3 * r + 2], rep = H / Hkv;
+    const int64_t p0 = pstart[u], np = Lp - p0, L = np + m;
+    float *kt = buf, *vr = kt + T8(L) * D, *sc = vr + T8(L) * D, *qs = sc + T8(L) + 2 * TILE;
+    const float *kpg = kp + ((u * Hkv + g) * Lp + p0) * D, *vpg = vp + ((u * Hkv + g) * Lp + p0) * D;
+    sa_gather(kpg, k + (start * Hkv + g) * D, np, L, Hkv * D, kt, NULL, D);
+    memcpy(vr, vpg, np * D * sizeof(float));
+    for (int64_t j = 0; j < m; j++) memcpy(vr + (np + j) * D, v + ((start + j) * Hkv + g) * D, D * sizeof(float));
+    for (int64_t hr = 0; hr < rep; hr++) {
+        const int64_t h = g * rep + hr;
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t n = np + j + 1, row = (start + j) * H + h;
+            const float *qj = q + row * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) qs[d] = qj[d] * scale;
+            tiles_scores(qs, kt, sc, (n + TILE - 1) / TILE, D);
+            float mx = sc[0], z = 0.0f;
+#pragma omp simd reduction(max : mx)
+            for (int64_t l = 0; l < n; l++) mx = sc[l] > mx ? sc[l] : mx;
+#pragma omp simd reduction(+ : z)
+            for (int64_t l = 0; l < n; l++) {
+                sc[l] = exp_(sc[l] - mx);
+                z += sc[l];
+            }
+            float acc[D];
+            memset(acc, 0, sizeof acc);
+            weighted_rows(sc, vr, n, acc, D);
+            const float inv = 1.0f / z;
+            float *orow = o + row * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) orow[d] = acc[d] * inv;
+            lse[row] = mx + logf(z);
+        }
+    }
+}
+
+/* o (N, H, D) and the log-sum-exp of each row's scores, lse (N, H); rows no segment holds are
+   not written. Tasks (segment, kv head) are split over nthreads. */
+void stream_attn_fwd(const float *restrict q, const float *restrict k, const float *restrict v,
+                     const float *restrict kp, const float *restrict vp,
+                     const int64_t *restrict seg, const int64_t *restrict pstart,
+                     float *restrict o, float *restrict lse, float *restrict scratch,
+                     int64_t per_thread, int64_t nthreads, int64_t R, int64_t H, int64_t Hkv,
+                     int64_t D, int64_t Lp, float scale) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (int64_t t = 0; t < R * Hkv; t++) {
+#ifdef _OPENMP
+        float *buf = scratch + omp_get_thread_num() * per_thread;
+#else
+        float *buf = scratch;
+#endif
+#define TASK(DD) sa_fwd_task(q, k, v, kp, vp, seg, pstart, o, lse, buf, t / Hkv, t % Hkv, H, Hkv, DD, Lp, scale)
+        if (D == HEAD_DIM)
+            TASK(HEAD_DIM);
+        else
+            TASK(D);
+#undef TASK
+    }
+}
+
+INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, const float *restrict v,
+                           const float *restrict kp, const float *restrict vp,
+                           const float *restrict o, const float *restrict lse,
+                           const float *restrict go, float *restrict dq, float *restrict dk,
+                           float *restrict dv, float *restrict dkp, float *restrict dvp,
+                           float *restrict buf, int64_t start, int64_t m, int64_t u, int64_t p0,
+                           int64_t g, int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
+    const int64_t rep = H / Hkv, np = Lp - p0, L = np + m;
+    float *kt = buf, *vt = kt + T8(L) * D, *kr = vt + T8(L) * D, *gk = kr + T8(L) * D,
+          *gv = gk + T8(L) * D, *p = gv + T8(L) * D, *ds = p + T8(L) + 2 * TILE,
+          *qs = ds + T8(L) + 2 * TILE;
+    const int64_t at = (u * Hkv + g) * Lp + p0;
+    sa_gather(kp + at * D, k + (start * Hkv + g) * D, np, L, Hkv * D, kt, kr, D);
+    sa_gather(vp + at * D, v + (start * Hkv + g) * D, np, L, Hkv * D, vt, NULL, D);
+    memset(gk, 0, 2 * T8(L) * D * sizeof(float)); /* gk, gv */
+    for (int64_t hr = 0; hr < rep; hr++) {
+        const int64_t h = g * rep + hr;
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t n = np + j + 1, nt = (n + TILE - 1) / TILE, row = (start + j) * H + h;
+            const float *qj = q + row * D, *gj = go + row * D, *oj = o + row * D;
+            float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t d = 0; d < D; d++) delta += gj[d] * oj[d];
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) qs[d] = qj[d] * scale;
+            tiles_scores(qs, kt, p, nt, D);
+            tiles_scores(gj, vt, ds, nt, D);
+            const float lz = lse[row];
+#pragma omp simd
+            for (int64_t l = 0; l < n; l++) {
+                const float pl = exp_(p[l] - lz);
+                p[l] = pl;
+                ds[l] = pl * (ds[l] - delta) * scale;
+            }
+            float acc[D];
+            memset(acc, 0, sizeof acc);
+            weighted_rows(ds, kr, n, acc, D);
+            float *dqj = dq + row * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) dqj[d] = acc[d];
+            for (int64_t l = 0; l < n; l++) {
+                const float dl = ds[l], pl = p[l];
+                float *gkl = gk + l * D, *gvl = gv + l * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) {
+                    gkl[d] += dl * qj[d];
+                    gvl[d] += pl * gj[d];
+                }
+            }
+        }
+    }
+    for (int64_t l = 0; l < np; l++) {
+        float *a = dkp + (at + l) * D, *b = dvp + (at + l) * D;
+        const float *x = gk + l * D, *y = gv + l * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) {
+            a[d] += x[d];
+            b[d] += y[d];
+        }
+    }
+    for (int64_t j = 0; j < m; j++) {
+        memcpy(dk + ((start + j) * Hkv + g) * D, gk + (np + j) * D, D * sizeof(float));
+        memcpy(dv + ((start + j) * Hkv + g) * D, gv + (np + j) * D, D * sizeof(float));
+    }
+}
+
+/* Gradients of stream_attn_fwd from go (N, H, D), given its o and lse: dq (N, H, D), dk, dv
+   (N, Hkv, D), written for the segments' rows; dkp, dvp (U, Hkv, Lp, D), added to (the caller
+   zeroes them). order lists the segments prompt by prompt: those of prompt u are order[uoff[u]
+   .. uoff[u+1]-1]. Tasks (prompt, kv head) are split over nthreads: each task alone adds to its
+   prompt's key gradients, in segment order, so results do not depend on the thread count. */
+void stream_attn_bwd(const float *restrict q, const float *restrict k, const float *restrict v,
+                     const float *restrict kp, const float *restrict vp,
+                     const float *restrict o, const float *restrict lse,
+                     const float *restrict go, float *restrict dq, float *restrict dk,
+                     float *restrict dv, float *restrict dkp, float *restrict dvp,
+                     const int64_t *restrict seg, const int64_t *restrict order,
+                     const int64_t *restrict uoff, const int64_t *restrict pstart,
+                     float *restrict scratch, int64_t per_thread, int64_t nthreads, int64_t U,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (int64_t t = 0; t < U * Hkv; t++) {
+#ifdef _OPENMP
+        float *buf = scratch + omp_get_thread_num() * per_thread;
+#else
+        float *buf = scratch;
+#endif
+        const int64_t u = t / Hkv, g = t % Hkv;
+        for (int64_t i = uoff[u]; i < uoff[u + 1]; i++) {
+            const int64_t r = order[i], start = seg[3 * r], m = seg[3 * r + 1];
+#define SEG(DD) sa_bwd_segment(q, k, v, kp, vp, o, lse, go, dq, dk, dv, dkp, dvp, buf, start, m, u, pstart[u], g, H, Hkv, DD, Lp, scale)
+            if (D == HEAD_DIM)
+                SEG(HEAD_DIM);
+            else
+                SEG(D);
+#undef SEG
+        }
+    }
+}
+
 /* One kv head g of one slot: see attn_decode. sc: (H / Hkv) rows of nmax + 2 TILE floats. */
 INLINE void attn_head(const float *restrict row, const float *restrict c,
                       const float *restrict sn, float *restrict kcg, float *restrict vcg,
@@ -315,9 +596,9 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
 /* Attention of one new token per slot s.
    qkv (S, (H + 2 Hkv) D): the new token's q, k, v projections, before RoPE.
    cos_t, sin_t (P, D): the model's rotary table; slot s is at position pos[s].
-   kc (S, Hkv, ceil(T / 8), D, 8), vc (S, Hkv, T, D): this layer's completion cache, keys in
-   tiles of 8 columns, transposed. Column t receives the new key (rotated) and value; the slot
-   then attends to columns 0 .. t.
+   kc (B, Hkv, ceil(T / 8), D, 8), vc (B, Hkv, T, D): this layer's completion cache, keys in
+   tiles of 8 columns, transposed; slot s owns its row cr[s]. Column t receives the new key
+   (rotated) and value; the slot then attends to columns 0 .. t.
    kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
    prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
    out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
@@ -328,7 +609,7 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
                  const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
                  float *restrict vc, const float *restrict kp, const float *restrict vp,
                  const int64_t *restrict rp, const int64_t *restrict pstart,
-                 float *restrict out, float *restrict scratch, int64_t per_thread,
+                 const int64_t *restrict cr, float *restrict out, float *restrict scratch, int64_t per_thread,
                  int64_t nthreads, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t T,
                  int64_t Lp, int64_t t, float scaling) {
     const int64_t rep = H / Hkv, stride = (H + 2 * Hkv) * D, nmax = Lp + T;
@@ -347,7 +628,7 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
         const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
         const int64_t u = rp[s], p0 = pstart[u];
         for (int64_t g = 0; g < Hkv; g++) {
-            float *kcg = kc + (s * Hkv + g) * kstride, *vcg = vc + (s * Hkv + g) * T * D;
+            float *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
             const float *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
             float *o = out + (s * H + g * rep) * D;
 #define HEAD(DD) \
@@ -414,9 +695,15 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "rmsnorm": [_P, _P, _P, _I64, _I64, _F32],
     "silu_mul": [_P, _P, _I64, _I64, _I64],
-    "attn_decode": [_P] * 12 + [_I64] * 9 + [_F32],
+    "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
     "sample_rows": [_P] * 7 + [_I64, _I64],
     "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
+    "stream_attn_fwd": [_P] * 10 + [_I64] * 7 + [_F32],
+    "stream_attn_bwd": [_P] * 18 + [_I64] * 7 + [_F32],
+    "rms_fwd": [_P] * 4 + [_I64, _I64, _F32, _I64],
+    "rms_bwd": [_P] * 7 + [_I64] * 3,
+    "silu_fwd": [_P] * 3 + [_I64, _I64],
+    "silu_bwd": [_P] * 5 + [_I64, _I64],
 }
 # Tried in order: the build machine's vector ISA with OpenMP (attention's slots split over
 # torch's threads), without it, then portable code. -fno-trapping-math lets the compiler
@@ -529,6 +816,12 @@ def kernels(head_dim: int = 64) -> ctypes.CDLL:
             return lib
     _lib_error = "could not build the fused decoding kernels: " + "; ".join(errors)
     raise RuntimeError(_lib_error)
+
+
+def loaded() -> ctypes.CDLL:
+    """Kernels already loaded for any head size (the trainer's kernels do not depend on it),
+    else those built for the default one; RuntimeError as ``kernels``."""
+    return next(iter(_libs.values())) if _libs else kernels()
 
 
 _TILE = 8  # key columns per tile; TILE in the C source
@@ -647,17 +940,21 @@ class FusedLlama:
         each row's slot."""
         self.T = max(1, max_new)
         self.t = 0
-        self._allocate(row_prompt.to(torch.int64).contiguous())
-        return torch.arange(self.S, device=row_prompt.device)
-
-    def _allocate(self, rp: torch.Tensor) -> None:
-        L, S, Hkv, D = len(self.layers), len(rp), self.Hkv, self.D
+        rp = row_prompt.to(torch.int64).contiguous()
+        L, B, Hkv, D = len(self.layers), len(rp), self.Hkv, self.D
         # never zero-filled: the kernel reads only columns it wrote (a key tile is zeroed
         # when its first column is written), so memory is touched only as rows decode
         tiles = -(-self.T // _TILE)
-        self.k = torch.empty((L, S, Hkv, tiles, D, _TILE), dtype=torch.float32, device=rp.device)
-        self.v = torch.empty((L, S, Hkv, self.T, D), dtype=torch.float32, device=rp.device)
-        self.rp, self.S = rp, S
+        self.k = torch.empty((L, B, Hkv, tiles, D, _TILE), dtype=torch.float32, device=rp.device)
+        self.v = torch.empty((L, B, Hkv, self.T, D), dtype=torch.float32, device=rp.device)
+        self._allocate(rp, torch.arange(B, device=rp.device))
+        return torch.arange(self.S, device=row_prompt.device)
+
+    def _allocate(self, rp: torch.Tensor, cr: torch.Tensor) -> None:
+        """Buffers for ``len(rp)`` live slots; slot s reads prompt rp[s] and owns cache row
+        cr[s]."""
+        S = len(rp)
+        self.rp, self.cr, self.S = rp, cr.contiguous(), S
         C, V = self.embed.shape[1], self.embed.shape[0]
         new = dict(dtype=torch.float32, device=rp.device)
         # the products' inputs, rows rounded up where oneDNN takes them (one kernel per 16
@@ -675,16 +972,13 @@ class FusedLlama:
         self.scratch = torch.empty(max(self.threads * self.per_thread, 2 * V), **new)
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
-        """Only the rows at ``slot`` (n,) go on. Compacts the cache when at most 3/4 of its
-        slots are live and returns the new slots; otherwise None (finished rows ride along)."""
+        """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
+        are live and returns the new slots; otherwise None (finished rows ride along). The cache
+        itself is not copied: a live slot keeps its cache row (``cr``)."""
         n = len(slot)
         if n > 0.75 * self.S:
             return None
-        k, v, t = self.k, self.v, self.t
-        self._allocate(self.rp[slot].contiguous())
-        tiles = -(-t // _TILE)  # key tiles holding columns 0 .. t-1
-        self.k[:, :, :, :tiles] = k[:, :, :, :tiles].index_select(1, slot)
-        self.v[:, :, :, :t] = v[:, :, :, :t].index_select(1, slot)
+        self._allocate(self.rp[slot].contiguous(), self.cr[slot])
         return torch.arange(n, device=slot.device)
 
     def step(
@@ -717,6 +1011,7 @@ class FusedLlama:
                 self.vp[li].data_ptr(),
                 self.rp.data_ptr(),
                 self.pstart.data_ptr(),
+                self.cr.data_ptr(),
                 o.data_ptr(),
                 self.scratch.data_ptr(),
                 self.per_thread,
@@ -779,7 +1074,7 @@ def lora_grads(
     if torch.is_autocast_enabled("cpu"):
         return None
     try:
-        lib = next(iter(_libs.values())) if _libs else kernels()
+        lib = loaded()
     except RuntimeError:
         return None
     x, g, a = x.contiguous(), g.contiguous(), a.contiguous()
