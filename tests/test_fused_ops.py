@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 from transformers.activations import ACT2FN
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from ahamoment import fused_ops, logprobs, stream_attention
 from ahamoment.rollout import compiled
 from tests_support import gqa_llama, gqa_qwen2
 
 try:
-    compiled.loaded()
+    compiled.trainer_kernels()
 except RuntimeError as e:  # no C compiler: the modules run as themselves
     pytest.skip(str(e), allow_module_level=True)
 
@@ -75,10 +75,10 @@ def test_silu_mul_is_the_modules():
 
 
 @pytest.mark.parametrize(("H", "Hkv", "D", "U"), [(4, 2, 32, 3), (4, 4, 16, 2), (2, 1, 64, 1)])
-def test_stream_attention_is_the_buckets(H, Hkv, D, U):
-    """Values and gradients (queries, stream keys and values, the prompts' keys and values,
-    summed over the rows that share them) against SDPA over buckets in float64; rows past
-    the stream (padding) give 0."""
+def test_stream_attention_is_rope_then_the_buckets(H, Hkv, D, U):
+    """Values and gradients (queries and stream keys before RoPE, stream values, the prompts'
+    keys and values, summed over the rows that share them) against HF's RoPE and SDPA over
+    buckets in float64; rows past the stream (padding) give 0."""
     rng, Lp, rows = random.Random(H * D), 11, 7
     torch.manual_seed(D)
     plens = [Lp] + [rng.randrange(3, Lp + 1) for _ in range(U - 1)]  # left-padded prompts
@@ -89,14 +89,23 @@ def test_stream_attention_is_the_buckets(H, Hkv, D, U):
     seg = [(i, plens[row_u[i]], rng.randrange(1, 20)) for i in range(rows)]
     N = sum(m for *_, m in seg)
     n_out = N + 5
+    angle = torch.rand(n_out, D // 2, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (n_out, D)
     shapes = [(n_out, H, D), (n_out, Hkv, D), (n_out, Hkv, D), (U, Hkv, Lp, D), (U, Hkv, Lp, D)]
     x64 = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
     go = torch.randn(n_out, H * D, dtype=torch.float64)
     go[N:] = 0
     buckets = logprobs._RowBuckets(seg, row_u, valid, N, n_out)
-    ref = _grads(lambda *t: buckets.attend(*t, 0.3)[:N], x64, go[:N])
+
+    def reference(q, k, *rest):
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
+        return buckets.attend(q, k, *rest, 0.3)[:N]
+
+    ref = _grads(reference, x64, go[:N])
     x32 = [t.detach().float().requires_grad_() for t in x64]
-    plan = stream_attention.StreamPlan(compiled.kernels(D), seg, row_u, valid, n_out)
+    plan = stream_attention.StreamPlan(
+        compiled.kernels(D, "train"), seg, row_u, valid, n_out, cos.float(), sin.float()
+    )
     out = plan.attend(*x32, 0.3)
     assert out[N:].abs().max() == 0
     ours = (out[:N], *torch.autograd.grad((out * go.float()).sum(), x32))

@@ -35,14 +35,16 @@ def fits_window(model: PreTrainedModel, max_len: int) -> bool:
     return True
 
 
-def qkv(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, rotate: bool = True):
     """Rotated queries (..., S, H, D) and keys, and values (..., S, Hkv, D), from the normed
-    hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb."""
+    hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb.
+    ``rotate=False``: queries and keys before RoPE (for a kernel that applies it)."""
     D = attn.head_dim
     q = linear(attn.q_proj, x).unflatten(-1, (-1, D))
     k = linear(attn.k_proj, x).unflatten(-1, (-1, D))
     v = linear(attn.v_proj, x).unflatten(-1, (-1, D))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
+    if rotate:
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
     return q, k, v
 
 

@@ -34,7 +34,7 @@ def _lib(*tensors: Tensor):
     from ahamoment.rollout import compiled
 
     try:
-        return compiled.loaded()
+        return compiled.trainer_kernels()
     except RuntimeError:
         return None
 

@@ -146,15 +146,14 @@ def _packed(
     )  # (N + n_pad, C)
     cos, sin = lm.model.rotary_emb(h[None], torch.tensor(pos, device=device)[None])
     cos, sin = cos[0], sin[0]  # (N + n_pad, D)
-    head_dim = lm.model.layers[0].self_attn.head_dim
-    plan = stream_attention.plan(seg, row_u, valid, N + n_pad, hp, head_dim) or _RowBuckets(
-        seg, row_u, valid, N, N + n_pad
-    )
+    plan = stream_attention.plan(seg, row_u, valid, N + n_pad, cos, sin)
+    rotate = plan is None  # the stream kernels apply RoPE themselves
+    if plan is None:
+        plan = _RowBuckets(seg, row_u, valid, N, N + n_pad)
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
-        q, k, v = decoder.qkv(
-            attn, fused_ops.rms_norm(layer.input_layernorm, h), cos, sin
-        )  # (N, H|Hkv, D)
+        x = fused_ops.rms_norm(layer.input_layernorm, h)
+        q, k, v = decoder.qkv(attn, x, cos, sin, rotate)  # (N, H|Hkv, D)
         o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
         h = h + lora_linear.linear(attn.o_proj, o)
         h = h + lora_linear.mlp(layer.mlp, fused_ops.rms_norm(layer.post_attention_layernorm, h))

@@ -8,7 +8,10 @@ gathers and concatenations. At the embedded model's sizes (head size 32, rows of
 ~60 stream keys) that plumbing and SDPA's per-call work cost more than the arithmetic.
 
 Here one call covers the whole stream: ``stream_attn_fwd`` walks each (sequence, kv head), reads
-the prompt's valid keys and the sequence's own in place, and keeps each row's log-sum-exp;
+the prompt's valid keys and the sequence's own in place, applies RoPE to the stream's queries
+and keys itself (HF's rotate-half formula with the model's own cos/sin tables, so the eight
+elementwise ops of ``apply_rotary_pos_emb`` and their backward never run), and keeps each
+row's log-sum-exp;
 ``stream_attn_bwd`` recomputes the probabilities from it (as flash attention does) and writes
 the gradients of the queries, of the stream's keys and values, and of the prompts' (summed over
 the sequences that share a prompt). No padding is computed on, nothing is concatenated. The
@@ -34,10 +37,12 @@ class StreamPlan:
 
     seg: (row, prompt length, stream tokens) per sequence, in stream order (``logprobs``);
     row_u: each row's prompt index into ``valid`` (U, Lp), the prompts' left-padded key mask;
-    n_out: rows of the stream, padding included (their output is 0)."""
+    n_out: rows of the stream, padding included (their output is 0); cos, sin (n_out, D): the
+    stream rows' rotary tables (``model.rotary_emb``)."""
 
-    def __init__(self, lib, seg, row_u, valid: Tensor, n_out: int) -> None:
+    def __init__(self, lib, seg, row_u, valid: Tensor, n_out: int, cos: Tensor, sin: Tensor):
         self.lib, self.n_out = lib, n_out
+        self.cos, self.sin = cos.detach().contiguous(), sin.detach().contiguous()
         self.U, self.Lp = valid.shape
         table, start = [], 0
         for row, _, m in seg:
@@ -53,14 +58,15 @@ class StreamPlan:
         self.longest = self.Lp + max((m for _, m, _ in table), default=0)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, keys_p, values_p, scale: float) -> Tensor:
-        """``_RowBuckets.attend``'s contract: q (n_out, H, D), k and v (n_out, Hkv, D), keys_p and
-        values_p (U, Hkv, Lp, D). Returns (n_out, H*D), heads in model order."""
+        """``_RowBuckets.attend``'s contract, but q (n_out, H, D) and k (n_out, Hkv, D) come
+        before RoPE; v (n_out, Hkv, D); keys_p and values_p (U, Hkv, Lp, D), the prompts' (keys
+        rotated). Returns (n_out, H*D), heads in model order."""
         o = _Attention.apply(q, k, v, keys_p, values_p, self, float(scale))
         return o.flatten(1)
 
     def scratch(self, like: Tensor, D: int, n_threads: int) -> tuple[Tensor, int]:
         t8 = -(-self.longest // 8) * 8
-        per = 5 * t8 * D + 2 * t8 + 32 + 2 * D  # the C source's per_thread
+        per = 5 * t8 * D + 2 * t8 + 32 + 3 * D  # the C source's per_thread
         return like.new_empty(n_threads * per), per
 
 
@@ -82,7 +88,8 @@ class _Attention(torch.autograd.Function):
         o = q.new_zeros((N, H, D))  # rows no sequence holds (padding) stay 0
         lse = q.new_zeros((N, H))
         lib.stream_attn_fwd(
-            _ptr(q), _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _ptr(plan.seg), _ptr(plan.pstart),
+            _ptr(q), _ptr(k), _ptr(v), _ptr(plan.cos), _ptr(plan.sin), _ptr(kp), _ptr(vp),
+            _ptr(plan.seg), _ptr(plan.pstart),
             _ptr(o), _ptr(lse), _ptr(scratch), per, n_threads, plan.seg.shape[0], H, Hkv, D,
             plan.Lp, scale,
         )  # fmt: skip
@@ -105,7 +112,8 @@ class _Attention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
         lib.stream_attn_bwd(
-            _ptr(q), _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _ptr(o), _ptr(lse), _ptr(go),
+            _ptr(q), _ptr(k), _ptr(v), _ptr(plan.cos), _ptr(plan.sin), _ptr(kp), _ptr(vp),
+            _ptr(o), _ptr(lse), _ptr(go),
             _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dkp), _ptr(dvp), _ptr(plan.seg),
             _ptr(plan.order), _ptr(plan.uoff), _ptr(plan.pstart), _ptr(scratch), per,
             n_threads, plan.U, H, Hkv, D, plan.Lp, ctx.scale,
@@ -113,17 +121,19 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, dkp, dvp, None, None
 
 
-def plan(seg, row_u, valid: Tensor, n_out: int, like: Tensor, head_dim: int) -> StreamPlan | None:
-    """A plan for the kernels, or None where they cannot run: ``like`` (a parameter of the
-    model) not fp32 on CPU, CPU autocast on, or no kernels (no C compiler)."""
-    if not ENABLED or like.device.type != "cpu" or like.dtype != torch.float32:
+def plan(seg, row_u, valid: Tensor, n_out: int, cos: Tensor, sin: Tensor) -> StreamPlan | None:
+    """A plan for the kernels (``StreamPlan``'s arguments), or None where they cannot run:
+    ``cos`` not fp32 on CPU or not (n_out, even D), CPU autocast on, or no kernels."""
+    if not ENABLED or cos.device.type != "cpu" or cos.dtype != torch.float32:
+        return None
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != n_out or cos.shape[1] % 2:
         return None
     if torch.is_autocast_enabled("cpu"):
         return None
     from ahamoment.rollout import compiled
 
     try:
-        lib = compiled.kernels(head_dim)
+        lib = compiled.kernels(cos.shape[1], "train")
     except RuntimeError:
         return None
-    return StreamPlan(lib, seg, row_u, valid, n_out)
+    return StreamPlan(lib, seg, row_u, valid, n_out, cos, sin)

@@ -17,6 +17,9 @@ The kernels are plain C, built per machine and head size with the system C compi
 else gcc or cc) into the ahamoment cache (``kernels/``), keyed by the source, the compiler and
 the CPU, and loaded with ctypes: a compile the first time, a ``dlopen`` afterwards. No shapes
 are compiled in, so batch size, prompt and completion lengths never rebuild anything.
+The trainer's kernels (``stream_attention``, ``fused_ops``, the adapters' one-pass gradients)
+are a second library from the same machinery (``kernels(part="train")``), built apart so that
+a rollout never waits for their compile.
 Attention and SiLU split their rows over torch's thread count with OpenMP, on torch's own
 thread pool: the build links the runtime torch already loaded (libgomp on Linux). Where it
 cannot (no OpenMP, or a second runtime would be loaded), they run on the calling thread; the
@@ -61,10 +64,10 @@ from transformers import PreTrainedModel
 from ahamoment import decoder, onednn
 from ahamoment.models import cache_dir
 
-__all__ = ["FusedLlama", "fused_runner", "kernels", "loaded", "lora_grads"]
+__all__ = ["FusedLlama", "fused_runner", "kernels", "lora_grads", "trainer_kernels"]
 
-_C_SOURCE = r"""
-/* Fused kernels for one decoding step of a Llama-style decoder: fp32, CPU, contiguous tensors.
+_C_HEADER = r"""
+/* Shared by the decoding step's kernels and the trainer's: fp32, CPU, contiguous tensors.
    Plain C, no intrinsics: gcc vectorizes the loops marked `omp simd` (-fopenmp-simd). No
    -ffast-math, so the process's floating-point mode and inf/NaN semantics stay as they are. */
 #include <math.h>
@@ -101,34 +104,6 @@ INLINE float exp_(float x) {
     p = p * (r * r) + r + 1.0f;
     v.i = (v.i - 0x4B400000 + 127) << 23; /* 2^n */
     return p * v.f;
-}
-
-/* y = w * x / sqrt(mean(x^2) + eps), row by row: x, y (S, C), w (C,). */
-void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y, int64_t S,
-             int64_t C, float eps) {
-    for (int64_t s = 0; s < S; s++) {
-        const float *xs = x + s * C;
-        float *ys = y + s * C, ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
-        const float r = 1.0f / sqrtf(ss / (float)C + eps);
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * r);
-    }
-}
-
-/* a = silu(gu[:, :I]) * gu[:, I:]: gu (S, 2I), a (S, I); rows split over nthreads. */
-void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
-              int64_t nthreads) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 16)
-#endif
-    for (int64_t s = 0; s < S; s++) {
-        const float *g = gu + s * 2 * I, *u = g + I;
-        float *as = a + s * I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; i++) as[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
-    }
 }
 
 /* HF's rotate_half RoPE of one head x (D,): x * cos + rotate_half(x) * sin. */
@@ -183,16 +158,225 @@ INLINE void tiles_scores(const float *restrict q, const float *restrict kt, floa
     for (; b < n; b++) tile_scores(q, kt + b * D * TILE, out + b * TILE, D);
 }
 
-/* out = sum_j p[j] v[j] over n rows v (n, D). */
+/* acc += sum_j p[j] v[j] over n rows v (n, D), four rows at a time into four partial sums
+   (one chain of n dependent multiply-adds would wait on each). */
 INLINE void weighted_rows(const float *restrict p, const float *restrict v, int64_t n,
-                          float *restrict acc, int64_t D) {
-    for (int64_t j = 0; j < n; j++) {
-        const float pj = p[j], *vj = v + j * D;
+                           float *restrict acc, int64_t D) {
+    float a0[D], a1[D], a2[D], a3[D];
+    memset(a0, 0, sizeof a0), memset(a1, 0, sizeof a1);
+    memset(a2, 0, sizeof a2), memset(a3, 0, sizeof a3);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *v0 = v + j * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; d++) acc[d] += pj * vj[d];
+        for (int64_t d = 0; d < D; d++) {
+            a0[d] += p[j] * v0[d];
+            a1[d] += p[j + 1] * v0[D + d];
+            a2[d] += p[j + 2] * v0[2 * D + d];
+            a3[d] += p[j + 3] * v0[3 * D + d];
+        }
+    }
+    for (; j < n; j++)
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) a0[d] += p[j] * v[j * D + d];
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) acc[d] += (a0[d] + a1[d]) + (a2[d] + a3[d]);
+}
+"""
+
+_C_DECODE = r"""
+/* One decoding step of a Llama-style decoder. */
+/* y = w * x / sqrt(mean(x^2) + eps), row by row: x, y (S, C), w (C,). */
+void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y, int64_t S,
+             int64_t C, float eps) {
+    for (int64_t s = 0; s < S; s++) {
+        const float *xs = x + s * C;
+        float *ys = y + s * C, ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * r);
     }
 }
 
+/* a = silu(gu[:, :I]) * gu[:, I:]: gu (S, 2I), a (S, I); rows split over nthreads. */
+void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
+              int64_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 16)
+#endif
+    for (int64_t s = 0; s < S; s++) {
+        const float *g = gu + s * 2 * I, *u = g + I;
+        float *as = a + s * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) as[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+    }
+}
+
+/* Prefetch n floats from p into the L2 cache, one request per 64-byte line. */
+INLINE void prefetch(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
+}
+
+/* One kv head g of one slot: see attn_decode. sc: (H / Hkv) rows of nmax + 2 TILE floats. */
+INLINE void attn_head(const float *restrict row, const float *restrict c,
+                      const float *restrict sn, float *restrict kcg, float *restrict vcg,
+                      const float *restrict kpg, const float *restrict vpg, float *restrict o,
+                      float *restrict q, float *restrict sc, int64_t g, int64_t H, int64_t Hkv,
+                      int64_t D, int64_t Lp, int64_t p0, int64_t t, int64_t nmax,
+                      float scaling) {
+    const int64_t rep = H / Hkv, np = Lp - p0, n = np + t + 1;
+    /* the new key, rotated, into column t (tile t / 8, lane t % 8); the new value into row t */
+    float k[D];
+    rope(row + (H + g) * D, c, sn, k, D);
+    float *kt = kcg + (t / TILE) * D * TILE;
+    if (t % TILE == 0) /* a fresh tile: its unwritten lanes are computed on, so make them 0 */
+        memset(kt, 0, D * TILE * sizeof(float));
+    for (int64_t d = 0; d < D; d++) kt[d * TILE + t % TILE] = k[d];
+    memcpy(vcg + t * D, row + (H + Hkv + g) * D, D * sizeof(float));
+    for (int64_t r = 0; r < rep; r++) {
+        float *qr = q + r * D;
+        rope(row + (g * rep + r) * D, c, sn, qr, D);
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) qr[d] *= scaling;
+    }
+    const int64_t pt0 = p0 / TILE, ptn = (Lp + TILE - 1) / TILE, ctn = t / TILE + 1;
+    for (int64_t r = 0; r < rep; r++) {
+        /* scores of the valid prompt columns p0 .. Lp-1, then of completion columns 0 .. t, at
+           sr[0 .. n-1]. Whole tiles are written: a prompt tile's lanes before p0 land in the
+           TILE floats of headroom before sr, and those after Lp-1 are overwritten by the
+           completion tiles, whose lanes after t are never read. */
+        const float *qr = q + r * D;
+        float *sr = sc + r * (nmax + 2 * TILE) + TILE;
+        tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D);
+        tiles_scores(qr, kcg, sr + np, ctn, D);
+        float m = sr[0], z = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
+#pragma omp simd reduction(+ : z)
+        for (int64_t j = 0; j < n; j++) {
+            sr[j] = exp_(sr[j] - m);
+            z += sr[j];
+        }
+        float acc[D];
+        memset(acc, 0, sizeof acc);
+        weighted_rows(sr, vpg + p0 * D, np, acc, D);
+        weighted_rows(sr + np, vcg, t + 1, acc, D);
+        const float inv = 1.0f / z;
+        float *orr = o + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) orr[d] = acc[d] * inv;
+    }
+}
+
+/* Attention of one new token per slot s.
+   qkv (S, (H + 2 Hkv) D): the new token's q, k, v projections, before RoPE.
+   cos_t, sin_t (P, D): the model's rotary table; slot s is at position pos[s].
+   kc (B, Hkv, ceil(T / 8), D, 8), vc (B, Hkv, T, D): this layer's completion cache, keys in
+   tiles of 8 columns, transposed; slot s owns its row cr[s]. Column t receives the new key
+   (rotated) and value; the slot then attends to columns 0 .. t.
+   kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
+   prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
+   out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
+   h / (H / Hkv)). scratch: nthreads blocks of per_thread >= (H / Hkv) (D + Lp + T + 2 TILE)
+   floats. Slots are split over nthreads OpenMP threads (each slot's arithmetic is the same
+   whatever the split, so results do not depend on it). */
+void attn_decode(const float *restrict qkv, const float *restrict cos_t,
+                 const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
+                 float *restrict vc, const float *restrict kp, const float *restrict vp,
+                 const int64_t *restrict rp, const int64_t *restrict pstart,
+                 const int64_t *restrict cr, float *restrict out, float *restrict scratch, int64_t per_thread,
+                 int64_t nthreads, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t T,
+                 int64_t Lp, int64_t t, float scaling) {
+    const int64_t rep = H / Hkv, stride = (H + 2 * Hkv) * D, nmax = Lp + T;
+    const int64_t kstride = (T + TILE - 1) / TILE * TILE * D;
+    const int64_t pkstride = (Lp + TILE - 1) / TILE * TILE * D;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 8)
+#endif
+    for (int64_t s = 0; s < S; s++) {
+#ifdef _OPENMP
+        float *q = scratch + omp_get_thread_num() * per_thread;
+#else
+        float *q = scratch;
+#endif
+        float *sc = q + rep * D;
+        const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
+        const int64_t u = rp[s], p0 = pstart[u];
+        for (int64_t g = 0; g < Hkv; g++) {
+            float *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
+            const float *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
+            float *o = out + (s * H + g * rep) * D;
+            /* ask for this head's values (read after its scores) and the next head's keys now,
+               so that their memory latency overlaps this head's arithmetic */
+            prefetch(vcg, t * D);
+            if (g + 1 < Hkv)
+                prefetch(kcg + kstride, (t / TILE + 1) * TILE * D);
+            else if (s + 1 < S)
+                prefetch(kc + cr[s + 1] * Hkv * kstride, (t / TILE + 1) * TILE * D);
+#define HEAD(DD) \
+    attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, DD, Lp, p0, t, nmax, scaling)
+            if (D == HEAD_DIM) /* the model's head size, built in: loops fully unrolled */
+                HEAD(HEAD_DIM);
+            else
+                HEAD(D);
+#undef HEAD
+        }
+    }
+}
+
+/* The sampler's choice for each row of logits (S, V), as rollout/sampler.py makes it eagerly:
+   x = logits / scale, log-probs log_softmax(x). A greedy row takes the first argmax of the
+   log-probs; another takes the first token whose cumulative probability (summed in double, as
+   torch.cumsum does for float) exceeds uni * total, kept strictly below total (sampler._draw).
+   tok, lp (S,): the token and its log-prob. buf: 2 V floats. */
+void sample_rows(const float *restrict logits, const float *restrict scale,
+                 const uint8_t *restrict greedy, const float *restrict uni,
+                 int64_t *restrict tok, float *restrict lp, float *restrict buf, int64_t S,
+                 int64_t V) {
+    float *x = buf, *e = buf + V;
+    for (int64_t s = 0; s < S; s++) {
+        const float *l = logits + s * V, temp = scale[s];
+        float m = -INFINITY, z = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < V; i++) {
+            x[i] = l[i] / temp;
+            m = x[i] > m ? x[i] : m;
+        }
+#pragma omp simd reduction(+ : z)
+        for (int64_t i = 0; i < V; i++) {
+            e[i] = exp_(x[i] - m);
+            z += e[i];
+        }
+        const float lz = logf(z);
+        int64_t k = 0;
+        if (greedy[s]) {
+            float best = (x[0] - m) - lz;
+            for (int64_t i = 1; i < V; i++) {
+                const float v = (x[i] - m) - lz;
+                if (v > best) best = v, k = i;
+            }
+        } else {
+            double acc = 0.0;
+            for (int64_t i = 0; i < V; i++) acc += (double)(e[i] / z);
+            const float total = (float)acc, below = nextafterf(total, 0.0f);
+            float target = uni[s] * total;
+            target = target < below ? target : below;
+            acc = 0.0;
+            for (k = 0; k < V - 1; k++) {
+                acc += (double)(e[k] / z);
+                if ((float)acc > target) break;
+            }
+        }
+        tok[s] = k;
+        lp[s] = (x[k] - m) - lz;
+    }
+}
+"""
+
+_C_TRAIN = r"""
+/* The trainer's packed forward and backward. */
 /* The LoRA adapters' gradients of one projection y = x (W + s B A)^T in one pass over the
    rows (the trainer's backward, lora_linear.py): x (N, I) its input, g (N, O) the gradient of
    y, a (R, I) = A, bt (R, O) = B^T. Writes ga (R, I) = s (g B)^T x and gbt (R, O) = s (x A^T)^T g
@@ -352,22 +536,41 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
     }
 }
 
-/* Attention of the trainer's packed stream (stream_attention.py): segment r holds stream rows
-   start .. start+m-1 (seg[3r], seg[3r+1]) of one sequence whose prompt is u = seg[3r+2]; its
-   row j attends to that prompt's valid keys (columns pstart[u] .. Lp-1 of kp[u]), then to its
-   own stream keys 0 .. j. q (N, H, D), k and v (N, Hkv, D): the stream's rotated queries and
-   keys, and values; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
-   Scores are (scale q) . k. Per thread, scratch holds per_thread >= 5 T8(L) D + 2 T8(L) +
-   4 TILE + 2 D floats, L = np + m the longest segment's keys. */
+/* Attention of the trainer's packed stream (stream_attention.py), RoPE included: segment r
+   holds stream rows start .. start+m-1 (seg[3r], seg[3r+1]) of one sequence whose prompt is
+   u = seg[3r+2]; its row j attends to that prompt's valid keys (columns pstart[u] .. Lp-1 of
+   kp[u], already rotated), then to its own stream keys 0 .. j. q (N, H, D), k and v (N, Hkv, D):
+   the stream's queries and keys before RoPE, and values; cos, sin (N, D): each stream row's
+   rotary table; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
+   Scores are (scale rope(q)) . rope(k). Per thread, scratch holds per_thread >= 5 T8(L) D +
+   2 T8(L) + 4 TILE + 3 D floats, L = np + m the longest segment's keys. */
 #define T8(n) (((n) + TILE - 1) / TILE * TILE)
 
-/* keys 0 .. L-1 of (segment, kv head): the prompt's valid ones, then the stream's, into tiles
-   kt (T8(L) / 8, D, 8) (missing lanes 0) and, if rows is not NULL, rows (L, D). */
-INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, int64_t np, int64_t L,
-                      int64_t kstride, float *restrict kt, float *restrict rows, int64_t D) {
+/* The transpose of rope: dx (D,) from the gradient g of rope(x). */
+INLINE void rope_t(const float *restrict g, const float *restrict c, const float *restrict sn,
+                   float *restrict dx, int64_t D) {
+    const int64_t h = D / 2;
+#pragma omp simd
+    for (int64_t d = 0; d < h; d++) dx[d] = g[d] * c[d] + g[d + h] * sn[d + h];
+#pragma omp simd
+    for (int64_t d = h; d < D; d++) dx[d] = g[d] * c[d] - g[d - h] * sn[d - h];
+}
+
+/* keys 0 .. L-1 of (segment, kv head): the prompt's valid ones, then the stream's (rotated by
+   their rows' cos, sin when c is not NULL), into tiles kt (T8(L) / 8, D, 8) (missing lanes 0)
+   and, if rows is not NULL, rows (L, D). */
+INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, const float *restrict c,
+                      const float *restrict sn, int64_t np, int64_t L, int64_t kstride,
+                      float *restrict kt, float *restrict rows, int64_t D) {
     if (L % TILE) memset(kt + (L / TILE) * D * TILE, 0, D * TILE * sizeof(float));
+    float key[D];
     for (int64_t l = 0; l < L; l++) {
-        const float *key = l < np ? kpg + l * D : ks + (l - np) * kstride;
+        if (l < np)
+            memcpy(key, kpg + l * D, D * sizeof(float));
+        else if (c)
+            rope(ks + (l - np) * kstride, c + (l - np) * D, sn + (l - np) * D, key, D);
+        else
+            memcpy(key, ks + (l - np) * kstride, D * sizeof(float));
         float *t = kt + (l / TILE) * D * TILE + l % TILE;
         for (int64_t d = 0; d < D; d++) t[d * TILE] = key[d];
         if (rows) memcpy(rows + l * D, key, D * sizeof(float));
@@ -375,6 +578,7 @@ INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, int64
 }
 
 INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const float *restrict v,
+                        const float *restrict cs, const float *restrict sn,
                         const float *restrict kp, const float *restrict vp,
                         const int64_t *restrict seg, const int64_t *restrict pstart,
                         float *restrict o, float *restrict lse, float *restrict buf, int64_t r,
@@ -382,17 +586,19 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
     const int64_t start = seg[3 * r], m = seg[3 * r + 1], u = seg[3 * r + 2], rep = H / Hkv;
     const int64_t p0 = pstart[u], np = Lp - p0, L = np + m;
     float *kt = buf, *vr = kt + T8(L) * D, *sc = vr + T8(L) * D, *qs = sc + T8(L) + 2 * TILE;
-    const float *kpg = kp + ((u * Hkv + g) * Lp + p0) * D, *vpg = vp + ((u * Hkv + g) * Lp + p0) * D;
-    sa_gather(kpg, k + (start * Hkv + g) * D, np, L, Hkv * D, kt, NULL, D);
-    memcpy(vr, vpg, np * D * sizeof(float));
-    for (int64_t j = 0; j < m; j++) memcpy(vr + (np + j) * D, v + ((start + j) * Hkv + g) * D, D * sizeof(float));
+    const int64_t at = (u * Hkv + g) * Lp + p0;
+    sa_gather(kp + at * D, k + (start * Hkv + g) * D, cs + start * D, sn + start * D, np, L,
+              Hkv * D, kt, NULL, D);
+    memcpy(vr, vp + at * D, np * D * sizeof(float));
+    for (int64_t j = 0; j < m; j++)
+        memcpy(vr + (np + j) * D, v + ((start + j) * Hkv + g) * D, D * sizeof(float));
     for (int64_t hr = 0; hr < rep; hr++) {
         const int64_t h = g * rep + hr;
         for (int64_t j = 0; j < m; j++) {
             const int64_t n = np + j + 1, row = (start + j) * H + h;
-            const float *qj = q + row * D;
+            rope(q + row * D, cs + (start + j) * D, sn + (start + j) * D, qs, D);
 #pragma omp simd
-            for (int64_t d = 0; d < D; d++) qs[d] = qj[d] * scale;
+            for (int64_t d = 0; d < D; d++) qs[d] *= scale;
             tiles_scores(qs, kt, sc, (n + TILE - 1) / TILE, D);
             float mx = sc[0], z = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -417,6 +623,7 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
 /* o (N, H, D) and the log-sum-exp of each row's scores, lse (N, H); rows no segment holds are
    not written. Tasks (segment, kv head) are split over nthreads. */
 void stream_attn_fwd(const float *restrict q, const float *restrict k, const float *restrict v,
+                     const float *restrict cs, const float *restrict sn,
                      const float *restrict kp, const float *restrict vp,
                      const int64_t *restrict seg, const int64_t *restrict pstart,
                      float *restrict o, float *restrict lse, float *restrict scratch,
@@ -431,7 +638,9 @@ void stream_attn_fwd(const float *restrict q, const float *restrict k, const flo
 #else
         float *buf = scratch;
 #endif
-#define TASK(DD) sa_fwd_task(q, k, v, kp, vp, seg, pstart, o, lse, buf, t / Hkv, t % Hkv, H, Hkv, DD, Lp, scale)
+#define TASK(DD)                                                                           \
+    sa_fwd_task(q, k, v, cs, sn, kp, vp, seg, pstart, o, lse, buf, t / Hkv, t % Hkv, H, Hkv, \
+                DD, Lp, scale)
         if (D == HEAD_DIM)
             TASK(HEAD_DIM);
         else
@@ -441,6 +650,7 @@ void stream_attn_fwd(const float *restrict q, const float *restrict k, const flo
 }
 
 INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, const float *restrict v,
+                           const float *restrict cs, const float *restrict sn,
                            const float *restrict kp, const float *restrict vp,
                            const float *restrict o, const float *restrict lse,
                            const float *restrict go, float *restrict dq, float *restrict dk,
@@ -450,21 +660,23 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
     const int64_t rep = H / Hkv, np = Lp - p0, L = np + m;
     float *kt = buf, *vt = kt + T8(L) * D, *kr = vt + T8(L) * D, *gk = kr + T8(L) * D,
           *gv = gk + T8(L) * D, *p = gv + T8(L) * D, *ds = p + T8(L) + 2 * TILE,
-          *qs = ds + T8(L) + 2 * TILE;
+          *qr = ds + T8(L) + 2 * TILE, *qs = qr + D;
     const int64_t at = (u * Hkv + g) * Lp + p0;
-    sa_gather(kp + at * D, k + (start * Hkv + g) * D, np, L, Hkv * D, kt, kr, D);
-    sa_gather(vp + at * D, v + (start * Hkv + g) * D, np, L, Hkv * D, vt, NULL, D);
+    const float *cseg = cs + start * D, *sseg = sn + start * D;
+    sa_gather(kp + at * D, k + (start * Hkv + g) * D, cseg, sseg, np, L, Hkv * D, kt, kr, D);
+    sa_gather(vp + at * D, v + (start * Hkv + g) * D, NULL, NULL, np, L, Hkv * D, vt, NULL, D);
     memset(gk, 0, 2 * T8(L) * D * sizeof(float)); /* gk, gv */
     for (int64_t hr = 0; hr < rep; hr++) {
         const int64_t h = g * rep + hr;
         for (int64_t j = 0; j < m; j++) {
             const int64_t n = np + j + 1, nt = (n + TILE - 1) / TILE, row = (start + j) * H + h;
-            const float *qj = q + row * D, *gj = go + row * D, *oj = o + row * D;
+            const float *gj = go + row * D, *oj = o + row * D;
             float delta = 0.0f;
 #pragma omp simd reduction(+ : delta)
             for (int64_t d = 0; d < D; d++) delta += gj[d] * oj[d];
+            rope(q + row * D, cseg + j * D, sseg + j * D, qr, D);
 #pragma omp simd
-            for (int64_t d = 0; d < D; d++) qs[d] = qj[d] * scale;
+            for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * scale;
             tiles_scores(qs, kt, p, nt, D);
             tiles_scores(gj, vt, ds, nt, D);
             const float lz = lse[row];
@@ -477,15 +689,13 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
             float acc[D];
             memset(acc, 0, sizeof acc);
             weighted_rows(ds, kr, n, acc, D);
-            float *dqj = dq + row * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) dqj[d] = acc[d];
+            rope_t(acc, cseg + j * D, sseg + j * D, dq + row * D, D);
             for (int64_t l = 0; l < n; l++) {
                 const float dl = ds[l], pl = p[l];
                 float *gkl = gk + l * D, *gvl = gv + l * D;
 #pragma omp simd
                 for (int64_t d = 0; d < D; d++) {
-                    gkl[d] += dl * qj[d];
+                    gkl[d] += dl * qr[d];
                     gvl[d] += pl * gj[d];
                 }
             }
@@ -501,17 +711,19 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
         }
     }
     for (int64_t j = 0; j < m; j++) {
-        memcpy(dk + ((start + j) * Hkv + g) * D, gk + (np + j) * D, D * sizeof(float));
+        rope_t(gk + (np + j) * D, cseg + j * D, sseg + j * D, dk + ((start + j) * Hkv + g) * D, D);
         memcpy(dv + ((start + j) * Hkv + g) * D, gv + (np + j) * D, D * sizeof(float));
     }
 }
 
 /* Gradients of stream_attn_fwd from go (N, H, D), given its o and lse: dq (N, H, D), dk, dv
-   (N, Hkv, D), written for the segments' rows; dkp, dvp (U, Hkv, Lp, D), added to (the caller
-   zeroes them). order lists the segments prompt by prompt: those of prompt u are order[uoff[u]
-   .. uoff[u+1]-1]. Tasks (prompt, kv head) are split over nthreads: each task alone adds to its
-   prompt's key gradients, in segment order, so results do not depend on the thread count. */
+   (N, Hkv, D) (of q and k before RoPE), written for the segments' rows; dkp, dvp (U, Hkv, Lp,
+   D), added to (the caller zeroes them). order lists the segments prompt by prompt: those of
+   prompt u are order[uoff[u] .. uoff[u+1]-1]. Tasks (prompt, kv head) are split over nthreads:
+   each task alone adds to its prompt's key gradients, in segment order, so results do not
+   depend on the thread count. */
 void stream_attn_bwd(const float *restrict q, const float *restrict k, const float *restrict v,
+                     const float *restrict cs, const float *restrict sn,
                      const float *restrict kp, const float *restrict vp,
                      const float *restrict o, const float *restrict lse,
                      const float *restrict go, float *restrict dq, float *restrict dk,
@@ -532,7 +744,9 @@ void stream_attn_bwd(const float *restrict q, const float *restrict k, const flo
         const int64_t u = t / Hkv, g = t % Hkv;
         for (int64_t i = uoff[u]; i < uoff[u + 1]; i++) {
             const int64_t r = order[i], start = seg[3 * r], m = seg[3 * r + 1];
-#define SEG(DD) sa_bwd_segment(q, k, v, kp, vp, o, lse, go, dq, dk, dv, dkp, dvp, buf, start, m, u, pstart[u], g, H, Hkv, DD, Lp, scale)
+#define SEG(DD)                                                                                \
+    sa_bwd_segment(q, k, v, cs, sn, kp, vp, o, lse, go, dq, dk, dv, dkp, dvp, buf, start, m, u, \
+                   pstart[u], g, H, Hkv, DD, Lp, scale)
             if (D == HEAD_DIM)
                 SEG(HEAD_DIM);
             else
@@ -541,169 +755,27 @@ void stream_attn_bwd(const float *restrict q, const float *restrict k, const flo
         }
     }
 }
-
-/* One kv head g of one slot: see attn_decode. sc: (H / Hkv) rows of nmax + 2 TILE floats. */
-INLINE void attn_head(const float *restrict row, const float *restrict c,
-                      const float *restrict sn, float *restrict kcg, float *restrict vcg,
-                      const float *restrict kpg, const float *restrict vpg, float *restrict o,
-                      float *restrict q, float *restrict sc, int64_t g, int64_t H, int64_t Hkv,
-                      int64_t D, int64_t Lp, int64_t p0, int64_t t, int64_t nmax,
-                      float scaling) {
-    const int64_t rep = H / Hkv, np = Lp - p0, n = np + t + 1;
-    /* the new key, rotated, into column t (tile t / 8, lane t % 8); the new value into row t */
-    float k[D];
-    rope(row + (H + g) * D, c, sn, k, D);
-    float *kt = kcg + (t / TILE) * D * TILE;
-    if (t % TILE == 0) /* a fresh tile: its unwritten lanes are computed on, so make them 0 */
-        memset(kt, 0, D * TILE * sizeof(float));
-    for (int64_t d = 0; d < D; d++) kt[d * TILE + t % TILE] = k[d];
-    memcpy(vcg + t * D, row + (H + Hkv + g) * D, D * sizeof(float));
-    for (int64_t r = 0; r < rep; r++) {
-        float *qr = q + r * D;
-        rope(row + (g * rep + r) * D, c, sn, qr, D);
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) qr[d] *= scaling;
-    }
-    const int64_t pt0 = p0 / TILE, ptn = (Lp + TILE - 1) / TILE, ctn = t / TILE + 1;
-    for (int64_t r = 0; r < rep; r++) {
-        /* scores of the valid prompt columns p0 .. Lp-1, then of completion columns 0 .. t, at
-           sr[0 .. n-1]. Whole tiles are written: a prompt tile's lanes before p0 land in the
-           TILE floats of headroom before sr, and those after Lp-1 are overwritten by the
-           completion tiles, whose lanes after t are never read. */
-        const float *qr = q + r * D;
-        float *sr = sc + r * (nmax + 2 * TILE) + TILE;
-        tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D);
-        tiles_scores(qr, kcg, sr + np, ctn, D);
-        float m = sr[0], z = 0.0f;
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
-#pragma omp simd reduction(+ : z)
-        for (int64_t j = 0; j < n; j++) {
-            sr[j] = exp_(sr[j] - m);
-            z += sr[j];
-        }
-        float acc[D];
-        memset(acc, 0, sizeof acc);
-        weighted_rows(sr, vpg + p0 * D, np, acc, D);
-        weighted_rows(sr + np, vcg, t + 1, acc, D);
-        const float inv = 1.0f / z;
-        float *orr = o + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) orr[d] = acc[d] * inv;
-    }
-}
-
-/* Attention of one new token per slot s.
-   qkv (S, (H + 2 Hkv) D): the new token's q, k, v projections, before RoPE.
-   cos_t, sin_t (P, D): the model's rotary table; slot s is at position pos[s].
-   kc (B, Hkv, ceil(T / 8), D, 8), vc (B, Hkv, T, D): this layer's completion cache, keys in
-   tiles of 8 columns, transposed; slot s owns its row cr[s]. Column t receives the new key
-   (rotated) and value; the slot then attends to columns 0 .. t.
-   kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
-   prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
-   out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
-   h / (H / Hkv)). scratch: nthreads blocks of per_thread >= (H / Hkv) (D + Lp + T + 2 TILE)
-   floats. Slots are split over nthreads OpenMP threads (each slot's arithmetic is the same
-   whatever the split, so results do not depend on it). */
-void attn_decode(const float *restrict qkv, const float *restrict cos_t,
-                 const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
-                 float *restrict vc, const float *restrict kp, const float *restrict vp,
-                 const int64_t *restrict rp, const int64_t *restrict pstart,
-                 const int64_t *restrict cr, float *restrict out, float *restrict scratch, int64_t per_thread,
-                 int64_t nthreads, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t T,
-                 int64_t Lp, int64_t t, float scaling) {
-    const int64_t rep = H / Hkv, stride = (H + 2 * Hkv) * D, nmax = Lp + T;
-    const int64_t kstride = (T + TILE - 1) / TILE * TILE * D;
-    const int64_t pkstride = (Lp + TILE - 1) / TILE * TILE * D;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 8)
-#endif
-    for (int64_t s = 0; s < S; s++) {
-#ifdef _OPENMP
-        float *q = scratch + omp_get_thread_num() * per_thread;
-#else
-        float *q = scratch;
-#endif
-        float *sc = q + rep * D;
-        const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
-        const int64_t u = rp[s], p0 = pstart[u];
-        for (int64_t g = 0; g < Hkv; g++) {
-            float *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
-            const float *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
-            float *o = out + (s * H + g * rep) * D;
-#define HEAD(DD) \
-    attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, DD, Lp, p0, t, nmax, scaling)
-            if (D == HEAD_DIM) /* the model's head size, built in: loops fully unrolled */
-                HEAD(HEAD_DIM);
-            else
-                HEAD(D);
-#undef HEAD
-        }
-    }
-}
-
-/* The sampler's choice for each row of logits (S, V), as rollout/sampler.py makes it eagerly:
-   x = logits / scale, log-probs log_softmax(x). A greedy row takes the first argmax of the
-   log-probs; another takes the first token whose cumulative probability (summed in double, as
-   torch.cumsum does for float) exceeds uni * total, kept strictly below total (sampler._draw).
-   tok, lp (S,): the token and its log-prob. buf: 2 V floats. */
-void sample_rows(const float *restrict logits, const float *restrict scale,
-                 const uint8_t *restrict greedy, const float *restrict uni,
-                 int64_t *restrict tok, float *restrict lp, float *restrict buf, int64_t S,
-                 int64_t V) {
-    float *x = buf, *e = buf + V;
-    for (int64_t s = 0; s < S; s++) {
-        const float *l = logits + s * V, temp = scale[s];
-        float m = -INFINITY, z = 0.0f;
-#pragma omp simd reduction(max : m)
-        for (int64_t i = 0; i < V; i++) {
-            x[i] = l[i] / temp;
-            m = x[i] > m ? x[i] : m;
-        }
-#pragma omp simd reduction(+ : z)
-        for (int64_t i = 0; i < V; i++) {
-            e[i] = exp_(x[i] - m);
-            z += e[i];
-        }
-        const float lz = logf(z);
-        int64_t k = 0;
-        if (greedy[s]) {
-            float best = (x[0] - m) - lz;
-            for (int64_t i = 1; i < V; i++) {
-                const float v = (x[i] - m) - lz;
-                if (v > best) best = v, k = i;
-            }
-        } else {
-            double acc = 0.0;
-            for (int64_t i = 0; i < V; i++) acc += (double)(e[i] / z);
-            const float total = (float)acc, below = nextafterf(total, 0.0f);
-            float target = uni[s] * total;
-            target = target < below ? target : below;
-            acc = 0.0;
-            for (k = 0; k < V - 1; k++) {
-                acc += (double)(e[k] / z);
-                if ((float)acc > target) break;
-            }
-        }
-        tok[s] = k;
-        lp[s] = (x[k] - m) - lz;
-    }
-}
 """
+
+_SOURCES = {"decode": _C_HEADER + _C_DECODE, "train": _C_HEADER + _C_TRAIN}
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "rmsnorm": [_P, _P, _P, _I64, _I64, _F32],
-    "silu_mul": [_P, _P, _I64, _I64, _I64],
-    "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
-    "sample_rows": [_P] * 7 + [_I64, _I64],
-    "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
-    "stream_attn_fwd": [_P] * 10 + [_I64] * 7 + [_F32],
-    "stream_attn_bwd": [_P] * 18 + [_I64] * 7 + [_F32],
-    "rms_fwd": [_P] * 4 + [_I64, _I64, _F32, _I64],
-    "rms_bwd": [_P] * 7 + [_I64] * 3,
-    "silu_fwd": [_P] * 3 + [_I64, _I64],
-    "silu_bwd": [_P] * 5 + [_I64, _I64],
+    "decode": {
+        "rmsnorm": [_P, _P, _P, _I64, _I64, _F32],
+        "silu_mul": [_P, _P, _I64, _I64, _I64],
+        "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
+        "sample_rows": [_P] * 7 + [_I64, _I64],
+    },
+    "train": {
+        "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
+        "stream_attn_fwd": [_P] * 12 + [_I64] * 7 + [_F32],
+        "stream_attn_bwd": [_P] * 20 + [_I64] * 7 + [_F32],
+        "rms_fwd": [_P] * 4 + [_I64, _I64, _F32, _I64],
+        "rms_bwd": [_P] * 7 + [_I64] * 3,
+        "silu_fwd": [_P] * 3 + [_I64, _I64],
+        "silu_bwd": [_P] * 5 + [_I64, _I64],
+    },
 }
 # Tried in order: the build machine's vector ISA with OpenMP (attention's slots split over
 # torch's threads), without it, then portable code. -fno-trapping-math lets the compiler
@@ -713,7 +785,7 @@ _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["
 _COMMON = ["-std=c11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
 _warned: set[str] = set()
-_libs: dict[int, ctypes.CDLL] = {}  # by head size
+_libs: dict[tuple[str, int], ctypes.CDLL] = {}  # by part and head size
 _threaded: set[int] = set()  # ids of the libraries that may split work over torch's threads
 _lib_error: str | None = None
 
@@ -757,12 +829,12 @@ def threads(lib: ctypes.CDLL) -> int:
     return torch.get_num_threads() if id(lib) in _threaded else 1
 
 
-def _build(cc: str, flags: list[str], out: Path) -> None:
+def _build(source: str, cc: str, flags: list[str], out: Path) -> None:
     """Compile, then link (without any math flags: linking with -ffast-math would pull in
     crtfastmath.o, which changes the whole process's denormal handling)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, obj, so = Path(tmp) / "fused.c", Path(tmp) / "fused.o", Path(tmp) / "fused.so"
-        src.write_text(_C_SOURCE)
+        src.write_text(source)
         for cmd in (
             [cc, *_COMMON, *flags, "-c", str(src), "-o", str(obj)],
             [cc, "-shared", str(obj), "-o", str(so), "-lm", *(f for f in flags if "openmp" in f)],
@@ -771,13 +843,14 @@ def _build(cc: str, flags: list[str], out: Path) -> None:
         os.replace(so, out)  # atomic: a concurrent build of the same key is harmless
 
 
-def kernels(head_dim: int = 64) -> ctypes.CDLL:
-    """The fused kernels, specialized for heads of ``head_dim`` (any other size still runs, on
-    generic loops), built on first use into ``<cache>/kernels/`` (about a second), then loaded
-    from there. Raises RuntimeError with the reason when no C compiler can build them."""
+def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
+    """The fused kernels of ``part`` ("decode": the decoding step's; "train": the trainer's),
+    specialized for heads of ``head_dim`` (any other size still runs, on generic loops), built
+    on first use into ``<cache>/kernels/`` (about a second each), then loaded from there. Raises
+    RuntimeError with the reason when no C compiler can build them."""
     global _lib_error
-    if head_dim in _libs:
-        return _libs[head_dim]
+    if (part, head_dim) in _libs:
+        return _libs[part, head_dim]
     if _lib_error is not None:
         raise RuntimeError(_lib_error)
     cc = _compiler()
@@ -795,33 +868,34 @@ def kernels(head_dim: int = 64) -> ctypes.CDLL:
         for flags in _FLAG_SETS if cc else ():
             flags = [*flags, f"-DHEAD_DIM={int(head_dim)}"]
             key = hashlib.sha256(
-                "\0".join([_C_SOURCE, cc, version, " ".join(flags), _cpu_id()]).encode()
+                "\0".join([_SOURCES[part], cc, version, " ".join(flags), _cpu_id()]).encode()
             ).hexdigest()[:16]
-            path = cache_dir() / "kernels" / f"decode-{key}.so"
+            path = cache_dir() / "kernels" / f"{part}-{key}.so"
             try:
                 if not path.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _build(cc, flags, path)
+                    _build(_SOURCES[part], cc, flags, path)
                 lib = ctypes.CDLL(str(path))
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", None) or str(e)
                 errors.append(f"{cc} {' '.join(flags)}: {detail.strip().splitlines()[-1:]}")
                 continue
-            for name, args in _SIGNATURES.items():
+            for name, args in _SIGNATURES[part].items():
                 getattr(lib, name).argtypes = args
                 getattr(lib, name).restype = None
             if "-fopenmp" in flags and _one_openmp_runtime():
                 _threaded.add(id(lib))
-            _libs[head_dim] = lib
+            _libs[part, head_dim] = lib
             return lib
-    _lib_error = "could not build the fused decoding kernels: " + "; ".join(errors)
+    _lib_error = "could not build the fused kernels: " + "; ".join(errors)
     raise RuntimeError(_lib_error)
 
 
-def loaded() -> ctypes.CDLL:
-    """Kernels already loaded for any head size (the trainer's kernels do not depend on it),
-    else those built for the default one; RuntimeError as ``kernels``."""
-    return next(iter(_libs.values())) if _libs else kernels()
+def trainer_kernels() -> ctypes.CDLL:
+    """The trainer's kernels already loaded for any head size (those that do not depend on
+    it), else those built for the default one; RuntimeError as ``kernels``."""
+    loaded = [lib for (part, _), lib in _libs.items() if part == "train"]
+    return loaded[0] if loaded else kernels(part="train")
 
 
 _TILE = 8  # key columns per tile; TILE in the C source
@@ -1074,7 +1148,7 @@ def lora_grads(
     if torch.is_autocast_enabled("cpu"):
         return None
     try:
-        lib = loaded()
+        lib = trainer_kernels()
     except RuntimeError:
         return None
     x, g, a = x.contiguous(), g.contiguous(), a.contiguous()
