@@ -143,3 +143,19 @@ def test_the_packed_forward_takes_the_kernels(make, monkeypatch):
     torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
     for a, b in zip(out[True][1], out[False][1]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_stream_attention_steps_aside_where_it_cannot_run(monkeypatch):
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    seg, cos = [(0, 3, 2)], torch.ones(2, 8)
+    assert stream_attention.plan(seg, [0], valid, 2, cos, cos) is not None
+    assert stream_attention.plan(seg, [0], valid, 2, cos.double(), cos.double()) is None
+    assert stream_attention.plan(seg, [0], valid, 2, torch.ones(2, 7), torch.ones(2, 7)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stream_attention.plan(seg, [0], valid, 2, cos, cos) is None
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(compiled, "kernels", no_compiler)
+    assert stream_attention.plan(seg, [0], valid, 2, cos, cos) is None

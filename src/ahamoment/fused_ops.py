@@ -3,8 +3,8 @@
 HF's ``LlamaRMSNorm`` is five elementwise ops forward (square, mean, add, rsqrt, two products)
 and about twice that backward; ``silu(gate) * up`` is two forward and four backward. On the
 trainer's packed stream (~2k rows of width 128 per micro-batch at the embedded model's size) each
-op is a pass over memory plus torch's per-op work, and together they cost about as much as
-attention (docs/results/performance.md). Here each is one pass forward (``rms_fwd``,
+op is a pass over memory plus torch's per-op work (docs/results/performance.md has the
+profile). Here each is one pass forward (``rms_fwd``,
 ``silu_fwd``) and one backward (``rms_bwd``, ``silu_bwd``), kernels in the decoding step's C
 source (``rollout/compiled.py``).
 

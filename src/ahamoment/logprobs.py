@@ -7,8 +7,9 @@ with G full forwards (a test checks it). Two ways to do that:
 - packed (Llama/Qwen2/Mistral, the default there): the completions are concatenated into one
   stream with no padding at all, (N, C) with N the number of tokens that predict something
   (each row's last token predicts nothing and is left out). Projections and MLPs run on the
-  stream as one matmul each; only attention runs per row (a few rows per call, ``_RowBuckets``),
-  over its prompt's keys and its own causal keys. A batch of completions of mixed lengths costs
+  stream as one matmul each; attention runs over its prompt's keys and its own causal keys: on
+  fp32 CPU as one C kernel for the whole stream (``stream_attention``), elsewhere a few rows per
+  SDPA call (``_RowBuckets``). A batch of completions of mixed lengths costs
   its real tokens, not rows x the longest (docs/results/performance.md: how much padding
   that saves on GRPO rollouts).
 - HF shared prefix (any other decoder, and DDP-wrapped models, whose gradient sync needs the

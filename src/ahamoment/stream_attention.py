@@ -4,22 +4,24 @@ In the packed log-probs (``logprobs.py``) each sequence's stream rows attend to 
 keys, then causally to its own. ``logprobs._RowBuckets`` runs that as torch's fused SDPA over
 buckets of 4 rows: rows padded to the bucket's longest, the prompts' keys gathered and
 concatenated to each bucket's own, a boolean mask per bucket, and the backward of all those
-gathers and concatenations. At the embedded model's sizes (head size 32, rows of ~40 prompt and
-~60 stream keys) that plumbing and SDPA's per-call work cost more than the arithmetic.
+gathers and concatenations. With small heads and short rows that plumbing and SDPA's per-call
+work outweigh the arithmetic (docs/results/performance.md has the profile).
 
 Here one call covers the whole stream: ``stream_attn_fwd`` walks each (sequence, kv head), reads
 the prompt's valid keys and the sequence's own in place, applies RoPE to the stream's queries
 and keys itself (HF's rotate-half formula with the model's own cos/sin tables, so the eight
 elementwise ops of ``apply_rotary_pos_emb`` and their backward never run), and keeps each
-row's log-sum-exp;
-``stream_attn_bwd`` recomputes the probabilities from it (as flash attention does) and writes
-the gradients of the queries, of the stream's keys and values, and of the prompts' (summed over
-the sequences that share a prompt). No padding is computed on, nothing is concatenated. The
-kernels live in the decoding step's C source (``rollout/compiled.py``: one build per machine).
+row's log-sum-exp; ``stream_attn_bwd`` recomputes the probabilities from it (as flash attention
+does) and writes the gradients of the queries and keys (through RoPE's transpose), of the
+stream's values, and of the prompts' keys and values (summed over the sequences that share a
+prompt). No padding is computed on, nothing is concatenated. Tasks are (prompt, kv head) pairs
+in the backward, so results do not depend on the thread count. The kernels are the trainer's
+library built by ``rollout/compiled.py`` (``kernels(part="train")``, one build per machine).
 
-Values are SDPA's up to float rounding (each kernel sums in its own order;
-``tests/test_stream_attention.py`` checks both against float64). Where the kernels cannot run
-(not fp32 on CPU, CPU autocast on, no C compiler), ``plan`` returns None and the buckets run.
+Values are RoPE then SDPA's up to float rounding (each kernel sums in its own order;
+``tests/test_fused_ops.py`` checks values and gradients against float64). Where the kernels
+cannot run (not fp32 on CPU, CPU autocast on, no C compiler), ``plan`` returns None and the
+buckets run.
 """
 
 from __future__ import annotations

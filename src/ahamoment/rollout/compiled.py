@@ -445,7 +445,7 @@ void lora_grads(const float *restrict x, const float *restrict g, const float *r
     }
 }
 
-/* The trainer's RMS norm and SiLU gate, forward and backward (train_kernels.py). Rows are split
+/* The trainer's RMS norm and SiLU gate, forward and backward (fused_ops.py). Rows are split
    over nthreads in contiguous ranges; each row's arithmetic is the same whatever the split. */
 
 /* y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row: x, y (S, C), w (C,), r (S,). */
