@@ -110,27 +110,21 @@ def main() -> None:
     batches = [batch(s, vocab) for s in range(args.steps + 1)]
     tokens = sum(len(c) for c in batches[0][1])
     ratios, rows = [], []
-    gather = args.compare == "gather"
+    # per comparison: the switches of the side before, then of ours (time_side's keywords)
+    sides = {
+        # the buckets' gathers: attention by the buckets on both sides
+        "gather": (dict(once=False, attn=False), dict(once=True, attn=False)),
+        "attention": (dict(attn=False), dict(attn=True)),
+        "fused": (dict(ops=False), dict(ops=True)),
+        "onednn": (dict(dnn=False), dict(dnn=True)),
+        "grads": (dict(fused=False), dict(fused=True)),
+        "lora": (dict(merged=False), dict()),
+    }
+    before_kw, ours_kw = sides[args.compare]
     dnn_on = onednn.ENABLED
     for r in range(args.repeats):
-        if gather:  # the buckets' gathers: attention by the buckets on both sides
-            before_s = time_side(model, batches, merged=True, once=False, attn=False)
-            ours_s = time_side(model, batches, merged=True, once=True, attn=False)
-        elif args.compare == "attention":
-            before_s = time_side(model, batches, merged=True, attn=False)
-            ours_s = time_side(model, batches, merged=True, attn=True)
-        elif args.compare == "fused":
-            before_s = time_side(model, batches, merged=True, ops=False)
-            ours_s = time_side(model, batches, merged=True, ops=True)
-        elif args.compare == "onednn":
-            before_s = time_side(model, batches, merged=True, dnn=False)
-            ours_s = time_side(model, batches, merged=True, dnn=True)
-        elif args.compare == "grads":
-            before_s = time_side(model, batches, merged=True, fused=False)
-            ours_s = time_side(model, batches, merged=True, fused=True)
-        else:
-            before_s = time_side(model, batches, merged=False)
-            ours_s = time_side(model, batches, merged=True)
+        before_s = time_side(model, batches, **{"merged": True, **before_kw})
+        ours_s = time_side(model, batches, **{"merged": True, **ours_kw})
         ratios.append(before_s / ours_s)
         rows.append((r, before_s, ours_s))
     lora_linear.ENABLED, logprobs._RowBuckets.GATHER_ONCE, onednn.ENABLED = True, True, dnn_on

@@ -158,6 +158,20 @@ INLINE void tiles_scores(const float *restrict q, const float *restrict kt, floa
     for (; b < n; b++) tile_scores(q, kt + b * D * TILE, out + b * TILE, D);
 }
 
+/* s[j] = exp(s[j] - max) in place over n scores; returns their sum, the max in *mx. */
+INLINE float exp_shifted(float *restrict s, int64_t n, float *restrict mx) {
+    float m = s[0], z = 0.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+#pragma omp simd reduction(+ : z)
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = exp_(s[j] - m);
+        z += s[j];
+    }
+    *mx = m;
+    return z;
+}
+
 /* acc += sum_j p[j] v[j] over n rows v (n, D), four rows at a time into four partial sums
    (one chain of n dependent multiply-adds would wait on each). */
 INLINE void weighted_rows(const float *restrict p, const float *restrict v, int64_t n,
@@ -251,14 +265,8 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
         float *sr = sc + r * (nmax + 2 * TILE) + TILE;
         tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D);
         tiles_scores(qr, kcg, sr + np, ctn, D);
-        float m = sr[0], z = 0.0f;
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
-#pragma omp simd reduction(+ : z)
-        for (int64_t j = 0; j < n; j++) {
-            sr[j] = exp_(sr[j] - m);
-            z += sr[j];
-        }
+        float m;
+        const float z = exp_shifted(sr, n, &m);
         float acc[D];
         memset(acc, 0, sizeof acc);
         weighted_rows(sr, vpg + p0 * D, np, acc, D);
@@ -600,14 +608,8 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
 #pragma omp simd
             for (int64_t d = 0; d < D; d++) qs[d] *= scale;
             tiles_scores(qs, kt, sc, (n + TILE - 1) / TILE, D);
-            float mx = sc[0], z = 0.0f;
-#pragma omp simd reduction(max : mx)
-            for (int64_t l = 0; l < n; l++) mx = sc[l] > mx ? sc[l] : mx;
-#pragma omp simd reduction(+ : z)
-            for (int64_t l = 0; l < n; l++) {
-                sc[l] = exp_(sc[l] - mx);
-                z += sc[l];
-            }
+            float mx;
+            const float z = exp_shifted(sc, n, &mx);
             float acc[D];
             memset(acc, 0, sizeof acc);
             weighted_rows(sc, vr, n, acc, D);
