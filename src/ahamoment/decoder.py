@@ -35,7 +35,13 @@ def fits_window(model: PreTrainedModel, max_len: int) -> bool:
     return True
 
 
-def qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, rotate: bool = True):
+def qkv(
+    attn: torch.nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotate: bool = True,
+):
     """Rotated queries (..., S, H, D) and keys, and values (..., S, Hkv, D), from the normed
     hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb.
     ``rotate=False``: queries and keys before RoPE (for a kernel that applies it)."""

@@ -5,8 +5,8 @@ and about twice that backward; ``silu(gate) * up`` is two forward and four backw
 trainer's packed stream (~2k rows of width 128 per micro-batch at the embedded model's size) each
 op is a pass over memory plus torch's per-op work (docs/results/performance.md has the
 profile). Here each is one pass forward (``rms_fwd``,
-``silu_fwd``) and one backward (``rms_bwd``, ``silu_bwd``), kernels in the decoding step's C
-source (``rollout/compiled.py``).
+``silu_fwd``) and one backward (``rms_bwd``, ``silu_bwd``), kernels of the trainer's library
+that ``rollout/compiled.py`` builds.
 
 Same formulas as the HF modules, up to float rounding (``tests/test_fused_ops.py`` checks values
 and gradients against them in float64). Used only where they apply: fp32 tensors on CPU, CPU

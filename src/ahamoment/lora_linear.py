@@ -58,7 +58,7 @@ order). False: the products (``bench/train_step.py --compare grads``)."""
 def _one_pass_grads(x2: Tensor, g2: Tensor, a: Tensor, b: Tensor, s: float):
     if not FUSED_GRADS:
         return None
-    from ahamoment.rollout import compiled  # the kernels live with the decoding step's
+    from ahamoment.rollout import compiled  # the trainer's kernels build there
 
     return compiled.lora_grads(x2, g2, a, b, s)
 

@@ -37,12 +37,13 @@ sequence). Results agree with eager to float rounding, not bit for bit: each ker
 own order (``tests/test_compiled_decode.py``).
 
 Layout: the prompt cache holds each distinct prompt once, as in the eager sampler; slot s reads
-prompt ``rp[s]``. The completion cache has one row per slot. Keys are stored in tiles of 8
+prompt ``rp[s]``. The completion cache has one row per sequence; slot s owns row ``cr[s]``. Keys are stored in tiles of 8
 columns, transposed, (..., ceil(T / 8), D, 8), so that 8 scores are 8-wide multiply-adds with
 no horizontal sums; values stay (..., T, D). The cache is never zero-filled up front (only
 written columns are read; a key tile is zeroed when its first column is written), so an
 evaluation batch whose rows stop early never makes it all resident. Finished rows ride along
-until a quarter of the slots are free, then the cache is compacted (the eager sampler's rule).
+until a quarter of the slots are free, then the live slots are compacted (the eager sampler's
+rule); their cache rows are not copied, only the slot → row map.
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ INLINE float exp_(float x) {
     v.i = (v.i - 0x4B400000 + 127) << 23; /* 2^n */
     return p * v.f;
 }
+
+/* One row of the RMS norm: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps); returns r. */
+INLINE float rms_row(const float *restrict x, const float *restrict w, float *restrict y,
+                     int64_t C, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < C; c++) ss += x[c] * x[c];
+    const float r = 1.0f / sqrtf(ss / (float)C + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) y[c] = w[c] * (x[c] * r);
+    return r;
+}
+
+/* silu(g) = g sigmoid(g), as HF's SiLU: g / (1 + exp(-g)). */
+INLINE float silu_(float g) { return g / (1.0f + exp_(-g)); }
 
 /* HF's rotate_half RoPE of one head x (D,): x * cos + rotate_half(x) * sin. */
 INLINE void rope(const float *restrict x, const float *restrict c, const float *restrict sn,
@@ -204,13 +220,7 @@ _C_DECODE = r"""
 void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y, int64_t S,
              int64_t C, float eps) {
     for (int64_t s = 0; s < S; s++) {
-        const float *xs = x + s * C;
-        float *ys = y + s * C, ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
-        const float r = 1.0f / sqrtf(ss / (float)C + eps);
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * r);
+        rms_row(x + s * C, w, y + s * C, C, eps);
     }
 }
 
@@ -224,7 +234,7 @@ void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
         const float *g = gu + s * 2 * I, *u = g + I;
         float *as = a + s * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; i++) as[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+        for (int64_t i = 0; i < I; i++) as[i] = silu_(g[i]) * u[i];
     }
 }
 
@@ -463,14 +473,7 @@ void rms_fwd(const float *restrict x, const float *restrict w, float *restrict y
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && S >= 64)
 #endif
     for (int64_t s = 0; s < S; s++) {
-        const float *xs = x + s * C;
-        float *ys = y + s * C, ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t c = 0; c < C; c++) ss += xs[c] * xs[c];
-        const float rs = 1.0f / sqrtf(ss / (float)C + eps);
-        r[s] = rs;
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++) ys[c] = w[c] * (xs[c] * rs);
+        r[s] = rms_row(x + s * C, w, y + s * C, C, eps);
     }
 }
 
@@ -523,7 +526,7 @@ void silu_fwd(const float *restrict g, const float *restrict u, float *restrict 
     for (int64_t b = 0; b < n; b += 4096) {
         const int64_t e = b + 4096 < n ? b + 4096 : n;
 #pragma omp simd
-        for (int64_t i = b; i < e; i++) a[i] = g[i] / (1.0f + exp_(-g[i])) * u[i];
+        for (int64_t i = b; i < e; i++) a[i] = silu_(g[i]) * u[i];
     }
 }
 
@@ -538,7 +541,7 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
 #pragma omp simd
         for (int64_t i = b; i < e; i++) {
             const float sg = 1.0f / (1.0f + exp_(-g[i]));
-            gu[i] = ga[i] * (g[i] * sg);
+            gu[i] = ga[i] * (g[i] * sg); /* ga silu(g) */
             gg[i] = ga[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
         }
     }
