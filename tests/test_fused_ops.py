@@ -59,11 +59,12 @@ def test_rms_norm_frozen_weight_and_fallbacks():
     torch.testing.assert_close(fused_ops.rms_norm(layer, x), layer(x))
 
 
-def test_silu_mul_is_the_modules():
+@pytest.mark.parametrize("width", [384, 37])  # 37: the kernels' scalar tails after 16 lanes
+def test_silu_mul_is_the_modules(width):
     torch.manual_seed(0)
-    g = (torch.randn(70, 384, dtype=torch.float64) * 4).requires_grad_()  # saturates both ways
-    u = torch.randn(70, 384, dtype=torch.float64, requires_grad=True)
-    go = torch.randn(70, 384, dtype=torch.float64)
+    g = (torch.randn(70, width, dtype=torch.float64) * 4).requires_grad_()  # saturates both ways
+    u = torch.randn(70, width, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(70, width, dtype=torch.float64)
     act = ACT2FN["silu"]
     ref = _grads(lambda a, b: act(a) * b, (g, u), go)
     gf, uf = (t.detach().float().requires_grad_() for t in (g, u))
