@@ -123,8 +123,10 @@ INLINE v16 exp_v(v16 x) {
     return EXP_POLY(r) * (v16)(((vi16)shifted - 0x4B400000 + 127) << 23);
 }
 
+#define OUTLINE static __attribute__((noinline)) /* one copy, not one per caller: a shorter build */
+
 /* y[j] = exp(x[j] - shift) for j < n (y may be x). */
-INLINE void exp_shift_rows(const float *x, float *y, float shift, int64_t n) {
+OUTLINE void exp_shift_rows(const float *x, float *y, float shift, int64_t n) {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) store16(y + j, exp_v(load16(x + j) - shift));
     for (; j < n; j++) y[j] = exp_(x[j] - shift);
@@ -146,7 +148,7 @@ INLINE float rms_row(const float *restrict x, const float *restrict w, float *re
 INLINE float silu_(float g) { return g / (1.0f + exp_(-g)); }
 
 /* a[i] = silu(g[i]) * u[i] for i < n, sixteen at a time (silu_'s operations lane for lane). */
-INLINE void silu_mul_rows(const float *restrict g, const float *restrict u, float *restrict a,
+OUTLINE void silu_mul_rows(const float *restrict g, const float *restrict u, float *restrict a,
                           int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
