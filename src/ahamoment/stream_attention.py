@@ -68,7 +68,7 @@ class StreamPlan:
 
     def scratch(self, like: Tensor, D: int, n_threads: int) -> tuple[Tensor, int]:
         t8 = -(-self.longest // 8) * 8
-        per = 5 * t8 * D + 2 * t8 + 32 + 3 * D  # the C source's per_thread
+        per = 5 * t8 * D + 2 * 4 * (t8 + 16) + 6 * D  # the C source's per_thread (RB = 4)
         return like.new_empty(n_threads * per), per
 
 

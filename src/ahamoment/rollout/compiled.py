@@ -586,8 +586,9 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
    the stream's queries and keys before RoPE, and values; cos, sin (N, D): each stream row's
    rotary table; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
    Scores are (scale rope(q)) . rope(k). Per thread, scratch holds per_thread >= 5 T8(L) D +
-   2 T8(L) + 4 TILE + 3 D floats, L = np + m the longest segment's keys. */
+   2 RB (T8(L) + 2 TILE) + (RB + 2) D floats, L = np + m the longest segment's keys. */
 #define T8(n) (((n) + TILE - 1) / TILE * TILE)
+#define RB 4 /* rows per block of the backward's rank-1 updates */
 
 /* The transpose of rope: dx (D,) from the gradient g of rope(x). */
 INLINE void rope_t(const float *restrict g, const float *restrict c, const float *restrict sn,
@@ -694,10 +695,12 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
                            float *restrict dv, float *restrict dkp, float *restrict dvp,
                            float *restrict buf, int64_t start, int64_t m, int64_t u, int64_t p0,
                            int64_t g, int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
-    const int64_t rep = H / Hkv, np = Lp - p0, L = np + m;
+    const int64_t rep = H / Hkv, np = Lp - p0, L = np + m, PS = T8(L) + 2 * TILE;
+    /* p, ds: RB rows of PS floats each (a block of rows' probabilities and score gradients);
+       qr: their RB rotated queries */
     float *kt = buf, *vt = kt + T8(L) * D, *kr = vt + T8(L) * D, *gk = kr + T8(L) * D,
-          *gv = gk + T8(L) * D, *p = gv + T8(L) * D, *ds = p + T8(L) + 2 * TILE,
-          *qr = ds + T8(L) + 2 * TILE, *qs = qr + D;
+          *gv = gk + T8(L) * D, *p = gv + T8(L) * D, *ds = p + RB * PS, *qr = ds + RB * PS,
+          *qs = qr + RB * D;
     const int64_t at = (u * Hkv + g) * Lp + p0;
     const float *cseg = cs + start * D, *sseg = sn + start * D;
     sa_gather(kp + at * D, k + (start * Hkv + g) * D, cseg, sseg, np, L, Hkv * D, kt, kr, D);
@@ -705,32 +708,61 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
     memset(gk, 0, 2 * T8(L) * D * sizeof(float)); /* gk, gv */
     for (int64_t hr = 0; hr < rep; hr++) {
         const int64_t h = g * rep + hr;
-        for (int64_t j = 0; j < m; j++) {
-            const int64_t n = np + j + 1, nt = (n + TILE - 1) / TILE, row = (start + j) * H + h;
-            const float *gj = go + row * D, *oj = o + row * D;
-            float delta = 0.0f;
+        for (int64_t j0 = 0; j0 < m; j0 += RB) {
+            const int64_t nb = m - j0 < RB ? m - j0 : RB;
+            const float *gb[RB];
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t j = j0 + b, n = np + j + 1, nt = (n + TILE - 1) / TILE;
+                const int64_t row = (start + j) * H + h;
+                const float *gj = go + row * D, *oj = o + row * D;
+                float *pb = p + b * PS, *dsb = ds + b * PS, *qrb = qr + b * D;
+                gb[b] = gj;
+                float delta = 0.0f;
 #pragma omp simd reduction(+ : delta)
-            for (int64_t d = 0; d < D; d++) delta += gj[d] * oj[d];
-            rope(q + row * D, cseg + j * D, sseg + j * D, qr, D);
+                for (int64_t d = 0; d < D; d++) delta += gj[d] * oj[d];
+                rope(q + row * D, cseg + j * D, sseg + j * D, qrb, D);
 #pragma omp simd
-            for (int64_t d = 0; d < D; d++) qs[d] = qr[d] * scale;
-            tiles_scores(qs, kt, p, nt, D);
-            tiles_scores(gj, vt, ds, nt, D);
-            const float lz = lse[row];
-            exp_shift_rows(p, p, lz, n);
+                for (int64_t d = 0; d < D; d++) qs[d] = qrb[d] * scale;
+                tiles_scores(qs, kt, pb, nt, D);
+                tiles_scores(gj, vt, dsb, nt, D);
+                exp_shift_rows(pb, pb, lse[row], n);
 #pragma omp simd
-            for (int64_t l = 0; l < n; l++) ds[l] = p[l] * (ds[l] - delta) * scale;
-            float acc[D];
-            memset(acc, 0, sizeof acc);
-            weighted_rows(ds, kr, n, acc, D);
-            rope_t(acc, cseg + j * D, sseg + j * D, dq + row * D, D);
-            for (int64_t l = 0; l < n; l++) {
-                const float dl = ds[l], pl = p[l];
-                float *gkl = gk + l * D, *gvl = gv + l * D;
+                for (int64_t l = 0; l < n; l++) dsb[l] = pb[l] * (dsb[l] - delta) * scale;
+                float acc[D];
+                memset(acc, 0, sizeof acc);
+                weighted_rows(dsb, kr, n, acc, D);
+                rope_t(acc, cseg + j * D, sseg + j * D, dq + row * D, D);
+            }
+            /* the block's rank-1 updates gk[l] += ds[l] qr, gv[l] += p[l] go: each key's rows
+               are loaded once and take the block's terms in row order, the order in which
+               row-by-row updates add them, so the sums are the same. Keys 0 .. n0-1 are every
+               row's; the later ones only the later rows'. */
+            const int64_t n0 = np + j0 + 1;
+            if (nb == RB) {
+                const float *q0 = qr, *q1 = qr + D, *q2 = qr + 2 * D, *q3 = qr + 3 * D;
+                for (int64_t l = 0; l < n0; l++) {
+                    const float d0 = ds[l], d1 = ds[PS + l], d2 = ds[2 * PS + l],
+                                d3 = ds[3 * PS + l], e0 = p[l], e1 = p[PS + l],
+                                e2 = p[2 * PS + l], e3 = p[3 * PS + l];
+                    float *gkl = gk + l * D, *gvl = gv + l * D;
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) {
-                    gkl[d] += dl * qr[d];
-                    gvl[d] += pl * gj[d];
+                    for (int64_t d = 0; d < D; d++) {
+                        gkl[d] = gkl[d] + d0 * q0[d] + d1 * q1[d] + d2 * q2[d] + d3 * q3[d];
+                        gvl[d] = gvl[d] + e0 * gb[0][d] + e1 * gb[1][d] + e2 * gb[2][d] +
+                                 e3 * gb[3][d];
+                    }
+                }
+            }
+            for (int64_t b = 0; b < nb; b++) {
+                const float *dsb = ds + b * PS, *pb = p + b * PS, *qrb = qr + b * D, *gj = gb[b];
+                for (int64_t l = nb == RB ? n0 : 0; l < n0 + b; l++) {
+                    const float dl = dsb[l], pl = pb[l];
+                    float *gkl = gk + l * D, *gvl = gv + l * D;
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++) {
+                        gkl[d] += dl * qrb[d];
+                        gvl[d] += pl * gj[d];
+                    }
                 }
             }
         }
