@@ -64,8 +64,9 @@ def padded_rows(n: int, multiple: int = ROWS) -> int:
     return -(-n // multiple) * multiple if ENABLED else n
 
 
-def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (M, K) @ weight (N, K)ᵀ + bias, M <= BLOCK; strided operands are read in place."""
+def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ weight (N, K)ᵀ + bias by oneDNN, no checks: M <= BLOCK, and ``applies``
+    holds; strided operands are read in place. Not differentiable."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -74,9 +75,9 @@ def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     M = x2.shape[0]
     if M <= BLOCK:
-        out = _product(x2, weight, bias)
+        out = product(x2, weight, bias)
     else:
-        out = torch.cat([_product(x2[s : s + BLOCK], weight, bias) for s in range(0, M, BLOCK)])
+        out = torch.cat([product(x2[s : s + BLOCK], weight, bias) for s in range(0, M, BLOCK)])
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -84,7 +85,7 @@ def _mm_t(g: Tensor, x: Tensor) -> Tensor:
     """gᵀ x (N, K) for g (M, N) and x (M, K): the sum over M taken in blocks of BLOCK rows."""
     out = None
     for s in range(0, g.shape[0], BLOCK):
-        part = _product(g[s : s + BLOCK].t(), x[s : s + BLOCK].t(), None)
+        part = product(g[s : s + BLOCK].t(), x[s : s + BLOCK].t(), None)
         out = part if out is None else out.add_(part)
     return out
 

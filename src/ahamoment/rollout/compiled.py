@@ -1110,6 +1110,11 @@ class FusedLlama:
         self.threads = threads(self.lib)
         self.per_thread = rep * (self.D + self.Lp + self.T + 2 * _TILE)  # attention's scratch
         self.scratch = torch.empty(max(self.threads * self.per_thread, 2 * V), **new)
+        # the step's products, decided once per size: x is fp32 CPU and 2-D, R <= onednn.BLOCK
+        # rows, so where oneDNN applies its product is called as is (what onednn.linear would
+        # call, without the checks on every call)
+        direct = onednn.applies(self.x, self.lm_head) and R <= onednn.BLOCK
+        self.linear = onednn.product if direct else torch.nn.functional.linear
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
@@ -1132,14 +1137,14 @@ class FusedLlama:
         """ids, pos (S,) int64: one token per slot; scale (S,) float32 (1 for greedy rows),
         greedy (S,) uint8, uniform (S,) float32. Returns logits (S, V) and the chosen token
         and its log-prob (S,) per slot (the buffers are reused by the next step)."""
-        lib, S, C = self.lib, self.S, self.embed.shape[1]
+        lib, S, C, linear = self.lib, self.S, self.embed.shape[1], self.linear
         x, o, a = self.x, self.o, self.a
         h = self.embed.index_select(0, ids)  # (S, C)
         pos = pos.contiguous()
         Lp = self.Lp
         for li, w in enumerate(self.layers):
             lib.rmsnorm(h.data_ptr(), w["ln1"].data_ptr(), x.data_ptr(), S, C, w["ln1_eps"])
-            qkv = onednn.linear(x, w["qkv"], w["qkv_bias"])  # (R, (H + 2 Hkv) D), rows S.. unread
+            qkv = linear(x, w["qkv"], w["qkv_bias"])  # (R, (H + 2 Hkv) D), rows S.. unread
             lib.attn_decode(
                 qkv.data_ptr(),
                 self.cos.data_ptr(),
@@ -1165,13 +1170,13 @@ class FusedLlama:
                 self.t,
                 self.scaling,
             )
-            h.add_(onednn.linear(o, w["o"])[:S])
+            h.add_(linear(o, w["o"])[:S])
             lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
-            gu = onednn.linear(x, w["gu"])  # (S, 2 I)
+            gu = linear(x, w["gu"])  # (S, 2 I)
             lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
-            h.add_(onednn.linear(a, w["down"])[:S])
+            h.add_(linear(a, w["down"])[:S])
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
-        self.logits = onednn.linear(x, self.lm_head, self.lm_head_bias)[:S]  # (S, V)
+        self.logits = self.linear(x, self.lm_head, self.lm_head_bias)[:S]  # (S, V)
         V = self.logits.shape[1]
         scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
         lib.sample_rows(

@@ -324,6 +324,27 @@ def sample_stream(
     for stop strings. ``compile``: decode with the fused step (``compiled.py``; eager after
     one warning where it cannot run); the same tokens up to float rounding.
     """
+    for rows, toks, lps, ends in _steps(
+        model, prompts, params, generator, pad_id, tokenizer, compile
+    ):
+        yield [StepToken(*t) for t in zip(rows, toks, lps, ends or [None] * len(rows))]
+
+
+_Step = tuple[list[int], list[int], list[float], list[str | None] | None]
+"""One decoding step, row-aligned lists: rows, token ids, log-probs, and finish reasons (None
+where no row finished at this step)."""
+
+
+def _steps(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    generator: torch.Generator | None,
+    pad_id: int,
+    tokenizer: Any,
+    compile: bool,
+) -> Iterator[_Step]:
+    """``sample_stream``'s steps as lists, without a ``StepToken`` per token."""
     row_params = _per_row(params, len(prompts))
     stops = [StopStrings(tokenizer, p.stop) for p in row_params]
     rows = [i for i, p in enumerate(row_params) if p.max_new_tokens > 0]
@@ -346,7 +367,7 @@ def _decode(
     generator: torch.Generator | None,
     pad_id: int,
     compile: bool = False,
-) -> Iterator[list[StepToken]]:
+) -> Iterator[_Step]:
     device = next(model.parameters()).device
     B = len(rows)
     ps = [row_params[r] for r in rows]
@@ -436,12 +457,13 @@ def _decode(
                         hit_stop[j] = True
         at_len = count[live] >= max_new[live]
         done = hit_stop | at_len
-        step = []
-        for b, t, lp, s, d in zip(
-            live.tolist(), tok.tolist(), tok_lp.tolist(), hit_stop.tolist(), done.tolist()
-        ):
-            step.append(StepToken(rows[b], t, lp, ("stop" if s else "length") if d else None))
-        yield step
+        ends = None
+        if bool(done.any()):
+            ends = [
+                ("stop" if s else "length") if d else None
+                for s, d in zip(hit_stop.tolist(), done.tolist())
+            ]
+        yield [rows[b] for b in live.tolist()], tok.tolist(), tok_lp.tolist(), ends
         keep = ~done
         if not bool(keep.any()):
             break
@@ -485,10 +507,10 @@ def _fused_step(
     scale: torch.Tensor,
     pick: bool,
     generator: torch.Generator | None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
     """One fused step over the cache slots. With ``pick``, it also chooses the live rows'
     tokens from the uniforms ``_draw`` would draw, one per live row in order: returns
-    ((tok, tok_lp), logits) for the live rows; otherwise (None, logits)."""
+    ((tok, tok_lp), None) for the live rows; otherwise (None, logits)."""
     S, device = len(ids), ids.device
     # finished rows and gaps decode greedily; their outputs are dropped
     row_scale = torch.ones(S, dtype=torch.float32, device=device)
@@ -502,7 +524,9 @@ def _fused_step(
             u = torch.rand((len(live), 1), generator=generator, device=device)
             uniform[slot] = u[:, 0]
     logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
-    return ((tok[slot], tok_lp[slot]) if pick else None), logits[slot]
+    if pick:  # the logits are not read again
+        return (tok[slot], tok_lp[slot]), None
+    return None, logits[slot]
 
 
 def sample(
@@ -523,12 +547,15 @@ def sample(
     ids: list[list[int]] = [[] for _ in prompts]
     lps: list[list[float]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
-    for step in sample_stream(model, prompts, params, generator, pad_id, tokenizer, compile):
-        for t in step:
-            ids[t.row].append(t.token_id)
-            lps[t.row].append(t.logprob)
-            if t.finish_reason is not None:
-                reasons[t.row] = t.finish_reason
+    for rows, toks, step_lps, ends in _steps(
+        model, prompts, params, generator, pad_id, tokenizer, compile
+    ):
+        for r, t, lp in zip(rows, toks, step_lps):
+            ids[r].append(t)
+            lps[r].append(lp)
+        for r, e in zip(rows, ends or ()):
+            if e is not None:
+                reasons[r] = e
     return [Completion(i, lp, r) for i, lp, r in zip(ids, lps, reasons)]
 
 
