@@ -1110,11 +1110,11 @@ class FusedLlama:
         self.threads = threads(self.lib)
         self.per_thread = rep * (self.D + self.Lp + self.T + 2 * _TILE)  # attention's scratch
         self.scratch = torch.empty(max(self.threads * self.per_thread, 2 * V), **new)
-        # the step's products, decided once per size: x is fp32 CPU and 2-D, R <= onednn.BLOCK
-        # rows, so where oneDNN applies its product is called as is (what onednn.linear would
-        # call, without the checks on every call)
+        # the step's products, decided once per size: where oneDNN applies and R <= BLOCK,
+        # onednn.linear would call its product as is, so it is called without the checks on
+        # every call; otherwise onednn.linear decides (blocks, or torch's own product)
         direct = onednn.applies(self.x, self.lm_head) and R <= onednn.BLOCK
-        self.linear = onednn.product if direct else torch.nn.functional.linear
+        self.linear = onednn.product if direct else onednn.linear
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
