@@ -335,6 +335,7 @@ _Step = tuple[list[int], list[int], list[float], list[str | None] | None]
 where no row finished at this step)."""
 
 
+@torch.no_grad()
 def _steps(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
