@@ -8,7 +8,12 @@ torch's own fp32 dispatch (MKL). ``--compare grads``: the adapters' gradients by
 kernel (``lora_linear.FUSED_GRADS``) against four matrix products. ``--compare attention``: the
 stream's attention by two C kernels over the whole stream (``stream_attention.py``) against SDPA
 over buckets of rows. ``--compare fused``: RMS norms and SiLU gates by C kernels
-(``fused_ops.py``) against the HF modules.
+(``fused_ops.py``) against the HF modules. ``--compare compile``: what a user would compile
+instead, the model's own padded forward (prompt + completion per row, right-padded to a
+multiple of 64 tokens so that lengths share a few shapes; log-softmax and gather of the
+completion tokens; peft's LoRA layers) under ``torch.compile`` (inductor's CPU backend,
+static shapes), against our packed path; the compile time, the first call of each shape, is
+printed apart and left out of the timings, as the warm-up call is.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
 every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
@@ -23,7 +28,8 @@ of back-to-back pairs.
     python bench/train_step.py --quick                      # smoke
 
 The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X``,
-``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X`` for the other comparisons).
+``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X``, ``compile_speedup=X`` for
+the other comparisons).
 """
 
 from __future__ import annotations
@@ -81,6 +87,51 @@ def time_side(
     return statistics.median(times)
 
 
+PAD_TO = 64  # the compiled side's length buckets
+
+
+def padded_logprob_sum(model, ids, attn, scored):
+    """Sum of the log-probs of the scored tokens: ids, attn, scored (B, L), right-padded."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (B, L-1, V)
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (lp * scored[:, 1:]).sum()
+
+
+def padded(prompts, completions):
+    """Rows of prompt + completion, right-padded to a multiple of PAD_TO: ids, attention mask,
+    and the completion tokens' mask, (B, L) each."""
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    L = -(-max(map(len, rows)) // PAD_TO) * PAD_TO
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    scored = torch.zeros(len(rows), L)
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        scored[i, len(p) : len(r)] = 1
+    return ids, attn, scored
+
+
+def time_compiled(model, batches, step) -> tuple[float, float]:
+    """The compiled side: (median seconds per call, seconds of the first calls, compile
+    included). Ours off (peft's layers, the HF modules), as a user's own code would run."""
+    lora_linear.ENABLED = stream_attention.ENABLED = fused_ops.ENABLED = False
+    times, first = [], 0.0
+    try:
+        for i, (p, c) in enumerate(batches):
+            args = padded(p, c)
+            t = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            step(model, *args).backward()
+            if i:
+                times.append(time.perf_counter() - t)
+            else:
+                first = time.perf_counter() - t
+    finally:
+        lora_linear.ENABLED = stream_attention.ENABLED = fused_ops.ENABLED = True
+    return statistics.median(times), first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="Alternations of the two sides.")
@@ -88,7 +139,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
     ap.add_argument(
         "--compare",
-        choices=("lora", "gather", "onednn", "grads", "attention", "fused"),
+        choices=("lora", "gather", "onednn", "grads", "attention", "fused", "compile"),
         default="lora",
         help="What to compare.",
     )
@@ -120,10 +171,16 @@ def main() -> None:
         "grads": (dict(fused=False), dict(fused=True)),
         "lora": (dict(merged=False), dict()),
     }
-    before_kw, ours_kw = sides[args.compare]
+    before_kw, ours_kw = sides.get(args.compare, ({}, {}))
     dnn_on = onednn.ENABLED
+    step = torch.compile(padded_logprob_sum, dynamic=False) if args.compare == "compile" else None
     for r in range(args.repeats):
-        before_s = time_side(model, batches, **{"merged": True, **before_kw})
+        if step is not None:
+            before_s, first = time_compiled(model, batches, step)
+            if r == 0:
+                print(f"compiled side: first call {first:.1f} s (inductor's compile included)")
+        else:
+            before_s = time_side(model, batches, **{"merged": True, **before_kw})
         ours_s = time_side(model, batches, **{"merged": True, **ours_kw})
         ratios.append(before_s / ours_s)
         rows.append((r, before_s, ours_s))
@@ -136,6 +193,7 @@ def main() -> None:
         "grads": ("four products (s)", "one-pass kernel (s)"),
         "attention": ("SDPA buckets (s)", "stream kernels (s)"),
         "fused": ("HF modules (s)", "C kernels (s)"),
+        "compile": ("torch.compile, padded (s)", "ours, packed (s)"),
     }.get(args.compare, ("peft LoRA (s)", "merged product (s)"))
     print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:
