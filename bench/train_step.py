@@ -117,6 +117,7 @@ def padded(prompts, completions):
 def time_compiled(model, batches, step) -> tuple[float, float]:
     """The compiled side: (median seconds per call, seconds of the first calls, compile
     included). Ours off (peft's layers, the HF modules), as a user's own code would run."""
+    switches = lora_linear.ENABLED, stream_attention.ENABLED, fused_ops.ENABLED
     lora_linear.ENABLED = stream_attention.ENABLED = fused_ops.ENABLED = False
     times, first = [], 0.0
     try:
@@ -130,7 +131,7 @@ def time_compiled(model, batches, step) -> tuple[float, float]:
             else:
                 first = time.perf_counter() - t
     finally:
-        lora_linear.ENABLED = stream_attention.ENABLED = fused_ops.ENABLED = True
+        lora_linear.ENABLED, stream_attention.ENABLED, fused_ops.ENABLED = switches
     return statistics.median(times), first
 
 

@@ -85,32 +85,29 @@ _C_HEADER = r"""
 #endif
 #define TILE 8
 
-/* exp(x): Cephes' expf (2^n e^r, |r| <= ln2 / 2, degree-6 polynomial; about 1 ulp), with x
-   clamped to [-87, 88] so that 2^n stays a normal float (exp(-87) = 1.6e-38 stands in for
-   anything smaller; it is 0 next to the 1 of the softmax's maximum). exp_ is one float, exp_v
-   sixteen at a time with the same operations, so the same results lane for lane: gcc's own
-   vectorization of exp_ in a loop ran about 3x slower than exp_v. */
-#define EXP_SHIFT 12582912.0f /* 1.5 * 2^23: x / ln2 + this holds n = round(x / ln2) */
-#define EXP_POLY(r)                                                                           \
-    ((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) +       \
-        4.1665795894e-2f) * (r) + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) * ((r) * (r)) + \
-     (r) + 1.0f)
-
-INLINE float exp_(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float shifted = x * 1.44269504088896341f + EXP_SHIFT, n = shifted - EXP_SHIFT;
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    union { float f; int32_t i; } v = {.f = shifted};
-    v.i = (v.i - 0x4B400000 + 127) << 23; /* 2^n */
-    return EXP_POLY(r) * v.f;
-}
-
+/* exp(x), 16 lanes at a time: Cephes' expf (2^n e^r, |r| <= ln2 / 2, degree-6 polynomial; about
+   1 ulp), with x clamped to [-87, 88] so that 2^n stays a normal float (exp(-87) = 1.6e-38 stands
+   in for anything smaller; it is 0 next to the 1 of the softmax's maximum). Written for GNU
+   vectors: gcc's own vectorization of the same scalar code in an `omp simd` loop ran about 3x
+   slower. */
 typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
 typedef int32_t vi16 __attribute__((vector_size(16 * sizeof(int32_t))));
 
-INLINE v16 load16(const float *p) { v16 x; memcpy(&x, p, sizeof x); return x; }
-INLINE void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+/* The first min(m, 16) floats at p (the other lanes 0), and back; a whole vector is one move. */
+INLINE v16 loadn(const float *p, int64_t m) {
+    v16 x = {0};
+    if (m >= 16)
+        memcpy(&x, p, sizeof x);
+    else
+        memcpy(&x, p, m * sizeof(float));
+    return x;
+}
+INLINE void storen(float *p, v16 x, int64_t m) {
+    if (m >= 16)
+        memcpy(p, &x, sizeof x);
+    else
+        memcpy(p, &x, m * sizeof(float));
+}
 
 /* Lane-wise: a where m (all ones), else b. */
 INLINE v16 select16(vi16 m, v16 a, v16 b) { return (v16)((m & (vi16)a) | (~m & (vi16)b)); }
@@ -118,18 +115,23 @@ INLINE v16 select16(vi16 m, v16 a, v16 b) { return (v16)((m & (vi16)a) | (~m & (
 INLINE v16 exp_v(v16 x) {
     x = select16(x < -87.0f, (v16){0} - 87.0f, x);
     x = select16(x > 88.0f, (v16){0} + 88.0f, x);
-    const v16 shifted = x * 1.44269504088896341f + EXP_SHIFT, n = shifted - EXP_SHIFT;
+    /* n = round(x / ln2) by the 1.5 * 2^23 shifter: its low mantissa bits hold n */
+    const v16 shifted = x * 1.44269504088896341f + 12582912.0f, n = shifted - 12582912.0f;
     const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    return EXP_POLY(r) * (v16)(((vi16)shifted - 0x4B400000 + 127) << 23);
+    const v16 p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                      4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) *
+                   (r * r) + r + 1.0f);
+    return p * (v16)(((vi16)shifted - 0x4B400000 + 127) << 23); /* times 2^n */
 }
+
+/* silu(g) = g sigmoid(g), as HF's SiLU: g / (1 + exp(-g)). */
+INLINE v16 silu_v(v16 g) { return g / (1.0f + exp_v(-g)); }
 
 #define OUTLINE static __attribute__((noinline)) /* one copy, not one per caller: a shorter build */
 
 /* y[j] = exp(x[j] - shift) for j < n (y may be x). */
 OUTLINE void exp_shift_rows(const float *x, float *y, float shift, int64_t n) {
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) store16(y + j, exp_v(load16(x + j) - shift));
-    for (; j < n; j++) y[j] = exp_(x[j] - shift);
+    for (int64_t j = 0; j < n; j += 16) storen(y + j, exp_v(loadn(x + j, n - j) - shift), n - j);
 }
 
 /* One row of the RMS norm: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps); returns r. */
@@ -144,18 +146,11 @@ INLINE float rms_row(const float *restrict x, const float *restrict w, float *re
     return r;
 }
 
-/* silu(g) = g sigmoid(g), as HF's SiLU: g / (1 + exp(-g)). */
-INLINE float silu_(float g) { return g / (1.0f + exp_(-g)); }
-
-/* a[i] = silu(g[i]) * u[i] for i < n, sixteen at a time (silu_'s operations lane for lane). */
+/* a[i] = silu(g[i]) * u[i] for i < n. */
 OUTLINE void silu_mul_rows(const float *restrict g, const float *restrict u, float *restrict a,
-                          int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const v16 x = load16(g + i);
-        store16(a + i, x / (1.0f + exp_v(-x)) * load16(u + i));
-    }
-    for (; i < n; i++) a[i] = silu_(g[i]) * u[i];
+                           int64_t n) {
+    for (int64_t i = 0; i < n; i += 16)
+        storen(a + i, silu_v(loadn(g + i, n - i)) * loadn(u + i, n - i), n - i);
 }
 
 /* HF's rotate_half RoPE of one head x (D,): x * cos + rotate_half(x) * sin. */
@@ -565,16 +560,11 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
 #endif
     for (int64_t b = 0; b < n; b += 4096) {
         const int64_t e = b + 4096 < n ? b + 4096 : n;
-        int64_t i = b;
-        for (; i + 16 <= e; i += 16) { /* the tail loop's operations, sixteen lanes at a time */
-            const v16 x = load16(g + i), a = load16(ga + i), sg = 1.0f / (1.0f + exp_v(-x));
-            store16(gu + i, a * (x * sg));
-            store16(gg + i, a * load16(u + i) * (sg * (1.0f + x * (1.0f - sg))));
-        }
-        for (; i < e; i++) {
-            const float sg = 1.0f / (1.0f + exp_(-g[i]));
-            gu[i] = ga[i] * (g[i] * sg); /* ga silu(g) */
-            gg[i] = ga[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+        for (int64_t i = b; i < e; i += 16) {
+            const int64_t m = e - i;
+            const v16 x = loadn(g + i, m), a = loadn(ga + i, m), sg = 1.0f / (1.0f + exp_v(-x));
+            storen(gu + i, a * (x * sg), m); /* ga silu(g) */
+            storen(gg + i, a * loadn(u + i, m) * (sg * (1.0f + x * (1.0f - sg))), m);
         }
     }
 }
@@ -845,7 +835,7 @@ _SIGNATURES = {
 }
 # Tried in order: the build machine's vector ISA with OpenMP (attention's slots split over
 # torch's threads), without it, then portable code. -fno-trapping-math lets the compiler
-# if-convert the clamps in exp_ (torch itself is built with it); no flag changes results, only
+# if-convert the clamps in exp_v (torch itself is built with it); no flag changes results, only
 # which instructions and threads compute them.
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 _COMMON = ["-std=c11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]

@@ -307,7 +307,6 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
     return params
 
 
-@torch.no_grad()
 def sample_stream(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
