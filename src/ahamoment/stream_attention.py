@@ -67,8 +67,7 @@ class StreamPlan:
         return o.flatten(1)
 
     def scratch(self, like: Tensor, D: int, n_threads: int) -> tuple[Tensor, int]:
-        t8 = -(-self.longest // 8) * 8
-        per = 5 * t8 * D + 2 * 4 * (t8 + 16) + 6 * D  # the C source's per_thread (RB = 4)
+        per = self.lib.stream_attn_per_thread(self.longest, D)  # floats per thread
         return like.new_empty(n_threads * per), per
 
 

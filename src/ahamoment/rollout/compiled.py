@@ -323,7 +323,7 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
    kp (U, Hkv, ceil(Lp / 8), D, 8), vp (U, Hkv, Lp, D): this layer's prompt cache. Slot s reads
    prompt rp[s], whose valid columns are pstart[rp[s]] .. Lp-1 (prompts are left-padded).
    out (S, H D): softmax(q k^T * scaling) v, heads in model order (head h reads kv head
-   h / (H / Hkv)). scratch: nthreads blocks of per_thread >= (H / Hkv) (D + Lp + T + 2 TILE)
+   h / (H / Hkv)). scratch: nthreads blocks of per_thread >= attn_decode_per_thread(...)
    floats. Slots are split over nthreads OpenMP threads (each slot's arithmetic is the same
    whatever the split, so results do not depend on it). */
 void attn_decode(const float *restrict qkv, const float *restrict cos_t,
@@ -368,6 +368,11 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
 #undef HEAD
         }
     }
+}
+
+/* Floats of attn_decode's scratch per thread: (H / Hkv) (D + Lp + T + 2 TILE). */
+int64_t attn_decode_per_thread(int64_t H, int64_t Hkv, int64_t D, int64_t Lp, int64_t T) {
+    return H / Hkv * (D + Lp + T + 2 * TILE);
 }
 
 /* The sampler's choice for each row of logits (S, V), as rollout/sampler.py makes it eagerly:
@@ -575,8 +580,8 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
    kp[u], already rotated), then to its own stream keys 0 .. j. q (N, H, D), k and v (N, Hkv, D):
    the stream's queries and keys before RoPE, and values; cos, sin (N, D): each stream row's
    rotary table; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
-   Scores are (scale rope(q)) . rope(k). Per thread, scratch holds per_thread >= 5 T8(L) D +
-   2 RB (T8(L) + 2 TILE) + (RB + 2) D floats, L = np + m the longest segment's keys. */
+   Scores are (scale rope(q)) . rope(k). Per thread, scratch holds per_thread >=
+   stream_attn_per_thread(L, D) floats, L = np + m the longest segment's keys. */
 #define T8(n) (((n) + TILE - 1) / TILE * TILE)
 #define RB 4 /* rows per block of the backward's rank-1 updates */
 
@@ -811,6 +816,13 @@ void stream_attn_bwd(const float *restrict q, const float *restrict k, const flo
         }
     }
 }
+
+/* Floats of scratch per thread that stream_attn_fwd and stream_attn_bwd need for segments of
+   at most L keys (a prompt's valid keys and the segment's own) and heads of D (the backward's
+   layout, the larger). */
+int64_t stream_attn_per_thread(int64_t L, int64_t D) {
+    return 5 * T8(L) * D + 2 * RB * (T8(L) + 2 * TILE) + (RB + 2) * D;
+}
 """
 
 _SOURCES = {"decode": _C_HEADER + _C_DECODE, "train": _C_HEADER + _C_TRAIN}
@@ -822,6 +834,7 @@ _SIGNATURES = {
         "silu_mul": [_P, _P, _I64, _I64, _I64],
         "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
         "sample_rows": [_P] * 7 + [_I64, _I64],
+        "attn_decode_per_thread": [_I64] * 5,
     },
     "train": {
         "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
@@ -831,6 +844,7 @@ _SIGNATURES = {
         "rms_bwd": [_P] * 7 + [_I64] * 3,
         "silu_fwd": [_P] * 3 + [_I64, _I64],
         "silu_bwd": [_P] * 5 + [_I64, _I64],
+        "stream_attn_per_thread": [_I64, _I64],
     },
 }
 # Tried in order: the build machine's vector ISA with OpenMP (attention's slots split over
@@ -938,7 +952,7 @@ def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
                 continue
             for name, args in _SIGNATURES[part].items():
                 getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
+                getattr(lib, name).restype = _I64 if name.endswith("_per_thread") else None
             if "-fopenmp" in flags and _one_openmp_runtime():
                 _threaded.add(id(lib))
             _libs[part, head_dim] = lib
@@ -1096,9 +1110,8 @@ class FusedLlama:
         self.a = torch.zeros(R, self.I, **new)
         self.tok = torch.empty(S, dtype=torch.int64, device=rp.device)
         self.lp = torch.empty(S, **new)
-        rep = self.H // self.Hkv
         self.threads = threads(self.lib)
-        self.per_thread = rep * (self.D + self.Lp + self.T + 2 * _TILE)  # attention's scratch
+        self.per_thread = self.lib.attn_decode_per_thread(self.H, self.Hkv, self.D, self.Lp, self.T)
         self.scratch = torch.empty(max(self.threads * self.per_thread, 2 * V), **new)
         # the step's products, decided once per size: where oneDNN applies and R <= BLOCK,
         # onednn.linear would call its product as is, so it is called without the checks on
