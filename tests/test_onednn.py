@@ -7,7 +7,33 @@ import torch
 
 from ahamoment import lora_linear, onednn
 
-pytestmark = pytest.mark.skipif(not onednn.ENABLED, reason="oneDNN is off or unavailable")
+pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN is unavailable here")
+
+
+@pytest.fixture(autouse=True)
+def _on(monkeypatch):
+    """oneDNN's path whatever this CPU's default (off on Intel's: ``on_by_default``)."""
+    monkeypatch.setattr(onednn, "ENABLED", True)
+
+
+@pytest.mark.parametrize(
+    "env, vendor, on",
+    [
+        (None, "AuthenticAMD", True),
+        (None, "GenuineIntel", False),  # MKL's tuned path
+        (None, "", True),
+        ("", "GenuineIntel", False),
+        ("1", "GenuineIntel", True),
+        (" 0 ", "AuthenticAMD", False),
+    ],
+)
+def test_default_is_off_on_intel_unless_the_environment_says(env, vendor, on):
+    assert onednn.on_by_default(env, vendor) is on
+
+
+def test_a_bad_environment_value_is_named():
+    with pytest.raises(ValueError, match="AHAMOMENT_ONEDNN must be 0 .* got 'yes'"):
+        onednn.on_by_default("yes", "AuthenticAMD")
 
 
 @pytest.mark.parametrize("bias", [False, True])

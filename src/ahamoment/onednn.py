@@ -2,15 +2,18 @@
 
 torch runs an fp32 ``F.linear`` or ``mm`` on CPU with MKL's sgemm. Both oneDNN and MKL ship
 inside torch's CPU wheel, and on some CPUs their fp32 kernels differ a lot for the small
-shapes of our models: on an AMD CPU with AVX-512, MKL takes a generic code path and oneDNN
-does not (docs/results/performance.md has the rates this machine measured). Both compute in
-IEEE fp32 (no reduced-precision mode is asked for); only the order of the sums differs, so
-results agree to float rounding, not bit for bit.
+shapes of our models: MKL picks its code path by CPU vendor, and on an AMD CPU with AVX-512 it
+takes a generic one where oneDNN does not. On an Intel CPU MKL's own path is the faster of the
+two, so oneDNN is on by default only on x86-64 CPUs that are not Intel's
+(docs/results/performance.md has the rates both machines measured). Both compute in IEEE fp32
+(no reduced-precision mode is asked for); only the order of the sums differs, so results agree
+to float rounding, not bit for bit.
 
 Used by the trainer's packed forward and backward (``lora_linear``), by the sampler's prompt
 forward (``decoder``) and by the fused decoding step (``rollout/compiled.py``), on fp32 CPU
-tensors only; everything else runs as torch would. ``AHAMOMENT_ONEDNN=0`` in the environment
-turns it off (``ENABLED``; the benches compare both).
+tensors only; everything else runs as torch would. ``AHAMOMENT_ONEDNN=1`` in the environment
+turns it on whatever the CPU, ``AHAMOMENT_ONEDNN=0`` off (``ENABLED``; the benches compare
+both).
 
 oneDNN builds a kernel per shape, about a millisecond the first time, and keeps it with a
 work buffer that grows with the rows (several MB for a few thousand rows) in a cache of up to
@@ -27,13 +30,38 @@ import platform
 import torch
 from torch import Tensor
 
-ENABLED = (
-    os.environ.get("AHAMOMENT_ONEDNN", "1") != "0"
-    and platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
+AVAILABLE = (
+    platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 )
-"""False: fp32 products on CPU go through torch's own dispatch (MKL). On by default on x86-64
-only: elsewhere torch's own BLAS is the one tuned for the CPU."""
+"""oneDNN's products can run here: an x86-64 CPU and a torch built with it. Elsewhere torch's
+own BLAS is the one tuned for the CPU."""
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor's id ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    # Windows names the vendor at the end of platform.processor(); elsewhere this is "" or a
+    # family name, which counts as not Intel's
+    return platform.processor().rsplit(",", 1)[-1].strip()
+
+
+def on_by_default(env: str | None, vendor: str) -> bool:
+    """The default of ``ENABLED`` where oneDNN is available: ``AHAMOMENT_ONEDNN`` ("0" or "1")
+    when set, else on except on Intel CPUs (where MKL runs its tuned path)."""
+    env = (env or "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"AHAMOMENT_ONEDNN must be 0 (off) or 1 (on), got {env!r}")
+    return env == "1" if env else vendor != "GenuineIntel"
+
+
+ENABLED = AVAILABLE and on_by_default(os.environ.get("AHAMOMENT_ONEDNN"), cpu_vendor())
+"""False: fp32 products on CPU go through torch's own dispatch (MKL). See ``on_by_default``."""
 
 ROWS = 64
 """Row counts of packed streams are rounded up to this multiple (see ``padded_rows``)."""
