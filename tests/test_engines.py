@@ -8,6 +8,7 @@ comparisons below able to fail.
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from ahamoment.rollout import (
     vllm_sampling_kwargs,
 )
 from ahamoment.rollout import sampler as S
+from ahamoment.rollout.base import StopStrings
 from ahamoment.rollout.vllm_engine import completion_from_vllm
 from tests_support import GQA_VOCAB, gqa_llama, gqa_qwen2
 
@@ -308,6 +310,24 @@ def test_stop_string_ends_at_the_completing_token_and_is_kept(tiny_model, tiny_t
         assert stop in tiny_tokenizer.decode(o.ids, skip_special_tokens=False)
     with pytest.raises(ValueError, match="need a tokenizer"):
         TorchEngine(tiny_model).generate([Request(prompt, params)])
+
+
+def test_stop_strings_decode_in_rust_exactly_as_the_tokenizer_does(tiny_tokenizer):
+    """The fast path (one call into the Rust tokenizer) is taken for our tokenizer and decodes
+    every window as ``tokenizer.decode`` does; a tokenizer that cleans up spaces keeps the slow
+    one (``tokenizer.decode`` itself)."""
+    stops = StopStrings(tiny_tokenizer, ("</answer>",))
+    assert stops.decode != stops._decode  # the Rust call
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = torch.randint(
+            0, len(tiny_tokenizer), (int(torch.randint(1, 40, (1,), generator=g)),), generator=g
+        ).tolist()
+        assert stops.decode(ids) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    cleaned = copy.deepcopy(tiny_tokenizer)
+    cleaned.clean_up_tokenization_spaces = True
+    slow = StopStrings(cleaned, ("x",))
+    assert slow.decode == slow._decode
 
 
 # --- the HF reference engine and the interface ------------------------------------------

@@ -22,7 +22,7 @@ Conventions shared by all engines (the tests hold each engine to them):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -201,14 +201,18 @@ class StopStrings:
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
+        self.decode = (_rust_decode(tokenizer) if self.stops else None) or self._decode
 
     def __bool__(self) -> bool:
         return bool(self.stops)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def hit(self, ids: Sequence[int]) -> bool:
         if not self.stops:
             return False
-        text = self.tokenizer.decode(list(ids[-self.window :]), skip_special_tokens=False)
+        text = self.decode(list(ids[-self.window :]))
         return any(s in text for s in self.stops)
 
     def first_hit(self, ids: Sequence[int]) -> int | None:
@@ -217,6 +221,29 @@ class StopStrings:
             if self.hit(ids[:k]):
                 return k
         return None
+
+
+def _rust_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """``tokenizer.decode(ids, skip_special_tokens=False)`` as one call into its Rust tokenizer,
+    where that is exactly what transformers computes: a fast tokenizer whose ``decode`` and
+    ``_decode`` are the library's own and that cleans up no spaces. Else None. Stop strings
+    decode a window of every live row at every step, and the Python wrapper around the Rust
+    call costs more than the decode itself."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or cls.decode is not PreTrainedTokenizerBase.decode
+        or cls._decode is not TokenizersBackend._decode
+        or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False
+    ):
+        return None
+    rust = tokenizer.backend_tokenizer
+    return lambda ids: rust.decode(ids, skip_special_tokens=False)
 
 
 def truncate(
