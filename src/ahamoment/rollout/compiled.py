@@ -582,8 +582,32 @@ void silu_bwd(const float *restrict g, const float *restrict u, const float *res
    rotary table; kp, vp (U, Hkv, Lp, D): the prompts'. Head h reads kv head h / (H / Hkv).
    Scores are (scale rope(q)) . rope(k). Per thread, scratch holds per_thread >=
    stream_attn_per_thread(L, D) floats, L = np + m the longest segment's keys. */
-#define T8(n) (((n) + TILE - 1) / TILE * TILE)
+#define TT 16 /* keys per tile: L1-resident here, so a whole 16-float vector per multiply-add */
+#define T16(n) (((n) + TT - 1) / TT * TT)
 #define RB 4 /* rows per block of the backward's rank-1 updates */
+
+/* tile_scores for n 16-key tiles (D, 16): eight tiles at a time, so that eight independent
+   chains of D multiply-adds keep both FMA units busy (fewer wait on their own chain's latency);
+   a last group of fewer tiles recomputes its last tile in the spare chains instead. Each score
+   sums over d in the same order as with 8-key tiles, so the results are the same. */
+INLINE void tiles16_scores(const float *restrict q, const float *restrict kt,
+                           float *restrict out, int64_t n, int64_t D) {
+    for (int64_t b = 0; b < n; b += 8) {
+        const int64_t nb = n - b < 8 ? n - b : 8;
+        const float *k[8];
+        for (int64_t i = 0; i < 8; i++) k[i] = kt + (b + (i < nb ? i : nb - 1)) * D * TT;
+        v16 a[8] = {{0}};
+        for (int64_t d = 0; d < D; d++) {
+            const float qd = q[d];
+            for (int64_t i = 0; i < 8; i++) {
+                v16 x;
+                memcpy(&x, k[i] + d * TT, sizeof x);
+                a[i] += qd * x;
+            }
+        }
+        for (int64_t i = 0; i < nb; i++) memcpy(out + (b + i) * TT, &a[i], sizeof a[i]);
+    }
+}
 
 /* The transpose of rope: dx (D,) from the gradient g of rope(x). */
 INLINE void rope_t(const float *restrict g, const float *restrict c, const float *restrict sn,
@@ -596,12 +620,12 @@ INLINE void rope_t(const float *restrict g, const float *restrict c, const float
 }
 
 /* keys 0 .. L-1 of (segment, kv head): the prompt's valid ones, then the stream's (rotated by
-   their rows' cos, sin when c is not NULL), into tiles kt (T8(L) / 8, D, 8) (missing lanes 0)
+   their rows' cos, sin when c is not NULL), into tiles kt (T16(L) / 16, D, 16) (missing lanes 0)
    and, if rows is not NULL, rows (L, D). */
 INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, const float *restrict c,
                       const float *restrict sn, int64_t np, int64_t L, int64_t kstride,
                       float *restrict kt, float *restrict rows, int64_t D) {
-    if (L % TILE) memset(kt + (L / TILE) * D * TILE, 0, D * TILE * sizeof(float));
+    if (L % TT) memset(kt + (L / TT) * D * TT, 0, D * TT * sizeof(float));
     float key[D];
     for (int64_t l = 0; l < L; l++) {
         if (l < np)
@@ -610,8 +634,8 @@ INLINE void sa_gather(const float *restrict kpg, const float *restrict ks, const
             rope(ks + (l - np) * kstride, c + (l - np) * D, sn + (l - np) * D, key, D);
         else
             memcpy(key, ks + (l - np) * kstride, D * sizeof(float));
-        float *t = kt + (l / TILE) * D * TILE + l % TILE;
-        for (int64_t d = 0; d < D; d++) t[d * TILE] = key[d];
+        float *t = kt + (l / TT) * D * TT + l % TT;
+        for (int64_t d = 0; d < D; d++) t[d * TT] = key[d];
         if (rows) memcpy(rows + l * D, key, D * sizeof(float));
     }
 }
@@ -624,7 +648,7 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
                         int64_t g, int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
     const int64_t start = seg[3 * r], m = seg[3 * r + 1], u = seg[3 * r + 2], rep = H / Hkv;
     const int64_t p0 = pstart[u], np = Lp - p0, L = np + m;
-    float *kt = buf, *vr = kt + T8(L) * D, *sc = vr + T8(L) * D, *qs = sc + T8(L) + 2 * TILE;
+    float *kt = buf, *vr = kt + T16(L) * D, *sc = vr + T16(L) * D, *qs = sc + T16(L) + 2 * TT;
     const int64_t at = (u * Hkv + g) * Lp + p0;
     sa_gather(kp + at * D, k + (start * Hkv + g) * D, cs + start * D, sn + start * D, np, L,
               Hkv * D, kt, NULL, D);
@@ -638,7 +662,7 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
             rope(q + row * D, cs + (start + j) * D, sn + (start + j) * D, qs, D);
 #pragma omp simd
             for (int64_t d = 0; d < D; d++) qs[d] *= scale;
-            tiles_scores(qs, kt, sc, (n + TILE - 1) / TILE, D);
+            tiles16_scores(qs, kt, sc, (n + TT - 1) / TT, D);
             float mx;
             const float z = exp_shifted(sc, n, &mx);
             float acc[D];
@@ -690,24 +714,24 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
                            float *restrict dv, float *restrict dkp, float *restrict dvp,
                            float *restrict buf, int64_t start, int64_t m, int64_t u, int64_t p0,
                            int64_t g, int64_t H, int64_t Hkv, int64_t D, int64_t Lp, float scale) {
-    const int64_t rep = H / Hkv, np = Lp - p0, L = np + m, PS = T8(L) + 2 * TILE;
+    const int64_t rep = H / Hkv, np = Lp - p0, L = np + m, PS = T16(L) + 2 * TT;
     /* p, ds: RB rows of PS floats each (a block of rows' probabilities and score gradients);
        qr: their RB rotated queries */
-    float *kt = buf, *vt = kt + T8(L) * D, *kr = vt + T8(L) * D, *gk = kr + T8(L) * D,
-          *gv = gk + T8(L) * D, *p = gv + T8(L) * D, *ds = p + RB * PS, *qr = ds + RB * PS,
+    float *kt = buf, *vt = kt + T16(L) * D, *kr = vt + T16(L) * D, *gk = kr + T16(L) * D,
+          *gv = gk + T16(L) * D, *p = gv + T16(L) * D, *ds = p + RB * PS, *qr = ds + RB * PS,
           *qs = qr + RB * D;
     const int64_t at = (u * Hkv + g) * Lp + p0;
     const float *cseg = cs + start * D, *sseg = sn + start * D;
     sa_gather(kp + at * D, k + (start * Hkv + g) * D, cseg, sseg, np, L, Hkv * D, kt, kr, D);
     sa_gather(vp + at * D, v + (start * Hkv + g) * D, NULL, NULL, np, L, Hkv * D, vt, NULL, D);
-    memset(gk, 0, 2 * T8(L) * D * sizeof(float)); /* gk, gv */
+    memset(gk, 0, 2 * T16(L) * D * sizeof(float)); /* gk, gv */
     for (int64_t hr = 0; hr < rep; hr++) {
         const int64_t h = g * rep + hr;
         for (int64_t j0 = 0; j0 < m; j0 += RB) {
             const int64_t nb = m - j0 < RB ? m - j0 : RB;
             const float *gb[RB];
             for (int64_t b = 0; b < nb; b++) {
-                const int64_t j = j0 + b, n = np + j + 1, nt = (n + TILE - 1) / TILE;
+                const int64_t j = j0 + b, n = np + j + 1, nt = (n + TT - 1) / TT;
                 const int64_t row = (start + j) * H + h;
                 const float *gj = go + row * D, *oj = o + row * D;
                 float *pb = p + b * PS, *dsb = ds + b * PS, *qrb = qr + b * D;
@@ -718,8 +742,8 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
                 rope(q + row * D, cseg + j * D, sseg + j * D, qrb, D);
 #pragma omp simd
                 for (int64_t d = 0; d < D; d++) qs[d] = qrb[d] * scale;
-                tiles_scores(qs, kt, pb, nt, D);
-                tiles_scores(gj, vt, dsb, nt, D);
+                tiles16_scores(qs, kt, pb, nt, D);
+                tiles16_scores(gj, vt, dsb, nt, D);
                 exp_shift_rows(pb, pb, lse[row], n);
 #pragma omp simd
                 for (int64_t l = 0; l < n; l++) dsb[l] = pb[l] * (dsb[l] - delta) * scale;
@@ -821,7 +845,7 @@ void stream_attn_bwd(const float *restrict q, const float *restrict k, const flo
    at most L keys (a prompt's valid keys and the segment's own) and heads of D (the backward's
    layout, the larger). */
 int64_t stream_attn_per_thread(int64_t L, int64_t D) {
-    return 5 * T8(L) * D + 2 * RB * (T8(L) + 2 * TILE) + (RB + 2) * D;
+    return 5 * T16(L) * D + 2 * RB * (T16(L) + 2 * TT) + (RB + 2) * D;
 }
 """
 
@@ -852,7 +876,16 @@ _SIGNATURES = {
 # if-convert the clamps in exp_v (torch itself is built with it); no flag changes results, only
 # which instructions and threads compute them.
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-_COMMON = ["-std=c11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# -ffp-contract=fast: a * b + c as one fused multiply-add (rounded once), which -std=c11 leaves
+# off; the trainer's attention kernels ran about 20% faster with it (docs/results/performance.md)
+_COMMON = [
+    "-std=c11",
+    "-ffp-contract=fast",
+    "-fPIC",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
 
 _warned: set[str] = set()
 _libs: dict[tuple[str, int], ctypes.CDLL] = {}  # by part and head size
@@ -938,7 +971,9 @@ def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
         for flags in _FLAG_SETS if cc else ():
             flags = [*flags, f"-DHEAD_DIM={int(head_dim)}"]
             key = hashlib.sha256(
-                "\0".join([_SOURCES[part], cc, version, " ".join(flags), _cpu_id()]).encode()
+                "\0".join(
+                    [_SOURCES[part], cc, version, " ".join(_COMMON + flags), _cpu_id()]
+                ).encode()
             ).hexdigest()[:16]
             path = cache_dir() / "kernels" / f"{part}-{key}.so"
             try:
