@@ -49,6 +49,7 @@ from ahamoment.logprobs import completion_logprobs
 from ahamoment.stages.pretrain import PretrainConfig
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DNN_DEFAULT = onednn.ENABLED  # oneDNN's products by default here (off on Intel CPUs)
 
 
 def batch(seed: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -69,7 +70,7 @@ def time_side(
     batches,
     merged: bool,
     once: bool = True,
-    dnn: bool = True,
+    dnn: bool | None = None,
     fused: bool = True,
     attn: bool = True,
     ops: bool = True,
@@ -77,7 +78,7 @@ def time_side(
     lora_linear.ENABLED, lora_linear.FUSED_GRADS = merged, fused
     stream_attention.ENABLED, fused_ops.ENABLED = attn, ops
     logprobs._RowBuckets.GATHER_ONCE = once
-    onednn.ENABLED = dnn
+    onednn.ENABLED = DNN_DEFAULT if dnn is None else dnn  # None: this CPU's default
     times = []
     for i, (p, c) in enumerate(batches):
         t = time.perf_counter()
