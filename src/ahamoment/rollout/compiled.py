@@ -4,8 +4,9 @@ The eager step (``sampler._LlamaLike``) runs dozens of small torch ops per layer
 rollout's sizes (the 0.9M-parameter default, 128 rows) about half of its time is per-op
 overhead and attention split into many tiny batched matmuls. This step leaves the matrix
 products to torch (oneDNN or MKL, whichever ``onednn`` picks for the CPU), with q/k/v and
-gate/up each concatenated into one product, and replaces everything between them with four kernels: RMS norm; RoPE plus the KV-cache write plus
-attention over the prompt and completion caches; SiLU(gate) * up; and the sampler's choice
+gate/up each concatenated into one product, and replaces everything between them with four
+kernels: RMS norm; RoPE plus the KV-cache write plus attention over the prompt and completion
+caches; SiLU(gate) * up; and the sampler's choice
 (log-softmax, then argmax or the same inverse-CDF draw as ``sampler._draw``, fed the same
 uniforms). A layer is 8 calls; attention reads each cached key and value once.
 
