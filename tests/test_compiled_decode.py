@@ -42,6 +42,7 @@ def _assert_same(eager, fused):
 
 
 def _both(model, prompts, params, seed=0, **kw):
+    kw.setdefault("kv_cache", "model")  # both fp32 unless a test asks for half caches
     eager = sample(model, prompts, params, torch.Generator().manual_seed(seed), **kw)
     fused = sample(model, prompts, params, torch.Generator().manual_seed(seed), compile=True, **kw)
     return eager, fused
@@ -153,9 +154,15 @@ def test_engine_option(tiny_model):
         for p in _prompts(3, tiny_model.config.vocab_size, seed=7)
     ]
     eager = TorchEngine(tiny_model).generate(requests, torch.Generator().manual_seed(8))
-    fused = TorchEngine(tiny_model, compile=True).generate(
+    fused = TorchEngine(tiny_model, compile=True, kv_cache="model").generate(
         requests, torch.Generator().manual_seed(8)
     )
+    for a, b in zip(eager, fused):
+        _assert_same(a, b)
+    # the half caches (the fused step's default) agree the same way
+    gen = [torch.Generator().manual_seed(8) for _ in range(2)]
+    eager = TorchEngine(tiny_model, kv_cache="float16").generate(requests, gen[0])
+    fused = TorchEngine(tiny_model, compile=True).generate(requests, gen[1])
     for a, b in zip(eager, fused):
         _assert_same(a, b)
 
@@ -199,13 +206,70 @@ def test_tiles_layout_by_hand():
     assert tiles[1, 1].tolist() == [-8, -9, 0, 0, 0, 0, 0, 0]  # missing columns are zero
 
 
-def test_generic_head_size_loops(gqa_model, monkeypatch):
-    # kernels built for another head size run this model (head_dim 32) on their generic loops
+def test_kernels_of_another_head_size_are_refused(gqa_model, monkeypatch):
+    # the decoding kernels are built for one head size (32 here); a build for another is
+    # refused with one warning line, and the rows decode eagerly
     build = compiled.kernels
-    monkeypatch.setattr(compiled, "kernels", lambda head_dim: build(head_dim + 8))
+    monkeypatch.setattr(compiled, "_warned", set())
+    monkeypatch.setattr(compiled, "kernels", lambda head_dim, **kw: build(head_dim + 8, **kw))
     prompts = _prompts(4, gqa_model.config.vocab_size, seed=11)
-    eager, fused = _both(gqa_model, prompts, SamplingParams(temperature=1.0, max_new_tokens=12))
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    with pytest.warns(RuntimeWarning, match="kernels built for heads of 40, not 32"):
+        eager, fused = _both(gqa_model, prompts, params)
+    assert [(c.ids, c.logprobs) for c in fused] == [(c.ids, c.logprobs) for c in eager]
+
+
+def test_half_cache_matches_eager_half_cache(gqa_model):
+    # kv_cache="float16": the fused kernels and the eager step (an independent torch
+    # implementation) round the same keys and values once and agree to float rounding
+    prompts = [p for p in _prompts(6, gqa_model.config.vocab_size, seed=12) for _ in range(3)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=40)
+    eager, fused = _both(gqa_model, prompts, params, kv_cache="float16")
     _assert_same(eager, fused)
+
+
+def test_half_cache_moves_log_probs_by_its_rounding(gqa_model):
+    # the same tokens scored with an fp32 cache and a half one: close (half rounds each key
+    # and value by at most 2^-11 of it), but not identical (the cache really is half)
+    prompts = _prompts(6, gqa_model.config.vocab_size, seed=13)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=30)
+    full = sample(gqa_model, prompts, greedy, compile=True, kv_cache="model")
+    half = sample(gqa_model, prompts, greedy, compile=True)  # auto: half, where fused
+    assert [c.ids for c in half] == [c.ids for c in full]
+    a = torch.tensor([lp for c in full for lp in c.logprobs])
+    b = torch.tensor([lp for c in half for lp in c.logprobs])
+    assert 0 < (a - b).abs().max() < 1e-2
+
+
+def test_half_cache_is_half(gqa_model):
+    assert compiled.fused_runner(gqa_model, 64).kv_dtype == torch.float16  # auto
+    assert compiled.fused_runner(gqa_model, 64, "float16").kv_dtype == torch.float16
+    assert compiled.fused_runner(gqa_model, 64, "model").kv_dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache: 'bf16' is not one of auto, model, float16"):
+        compiled.fused_runner(gqa_model, 64, "bf16")
+
+
+def test_half_widening_without_f16c_is_exact():
+    # the kernels' integer widening of halves (used where the CPU lacks F16C), here in torch:
+    # bits << 13 read as a float, times 2^112, sign back; every finite half, subnormals included
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32)
+    halves = bits.to(torch.int16).view(torch.float16)
+    finite = torch.isfinite(halves)
+    mag = ((bits & 0x7FFF) << 13).view(torch.float32) * 2.0**112
+    widened = (mag.view(torch.int32) | ((bits & 0x8000) << 16)).view(torch.float32)
+    assert torch.equal(widened[finite], halves[finite].float())
+
+
+def test_half_cache_portable_build_matches_eager(gqa_model, monkeypatch):
+    # the portable build (plain -O3: no -march=native, so no F16C on x86) widens halves with
+    # the integer ops above; it agrees with the eager half cache as the native build does
+    monkeypatch.setattr(compiled, "_FLAG_SETS", (["-O3"],))
+    monkeypatch.setattr(compiled, "_libs", {})
+    prompts = [p for p in _prompts(4, gqa_model.config.vocab_size, seed=14) for _ in range(2)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=24)
+    eager, fused = _both(gqa_model, prompts, params, kv_cache="float16")
+    _assert_same(eager, fused)
+    assert ("decode", 32, True) in compiled._libs  # built here, the portable way
 
 
 def test_budget_forcing_rows_match_eager(tiny_model):

@@ -95,6 +95,14 @@ def test_auto_takes_the_sampler_only_where_it_decoded_the_current_weights():
     assert ZeroConfig(engine="vllm").old_logp_source() == "forward"  # other kernels, bf16
     assert ZeroConfig(tis_cap=2.0).old_logp_source() == "forward"  # TIS compares the two
     assert ZeroConfig(bf16=True).old_logp_source() == "forward"  # autocast rounds otherwise
+    # a half key/value cache: its log-probs are the behaviour policy's own (rounding apart)
+    assert ZeroConfig(kv_cache="float16").old_logp_source() == "sampler"
+    assert ZeroConfig(kv_cache="float16").rollout_engine() == ("torch", {"kv_cache": "float16"})
+    assert ZeroConfig().rollout_engine() == ("torch", {})
+    with pytest.raises(ValueError, match="--kv-cache float16 needs --engine torch or torch-eager"):
+        ZeroConfig(kv_cache="float16", engine="hf")
+    with pytest.raises(ValueError, match="kv_cache: 'half' is not one of auto, model, float16"):
+        ZeroConfig(kv_cache="half")
     assert ZeroConfig(old_logp="forward").old_logp_source() == "forward"
     with pytest.raises(ValueError, match="--old-logp forward"):
         ZeroConfig(old_logp="sampler", tis_cap=2.0)

@@ -18,6 +18,23 @@ from ahamoment.lora_linear import linear, mlp
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
+KV_CACHE = ("auto", "model", "float16")
+"""What the sampler's key/value cache holds. model: the model's dtype. float16: half floats,
+half the bytes a decoding step's attention reads from an fp32 model's cache; keys and values
+are rounded to it once, when cached (every attention then reads the rounded values, the
+prompt's own included), and the arithmetic stays in the model's dtype. auto: float16 where the
+fused decoding step runs (an fp32 model on CPU, ``rollout/compiled.py``), else the model's."""
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, fused: bool) -> torch.dtype:
+    """The dtype of a ``KV_CACHE`` choice for a model of ``model_dtype``, decoded by the fused
+    step or not; ValueError naming the choices for another name."""
+    if name not in KV_CACHE:
+        raise ValueError(f"kv_cache: {name!r} is not one of {', '.join(KV_CACHE)}")
+    if name == "float16" or (name == "auto" and fused):
+        return torch.float16
+    return model_dtype
+
 
 def supports(model: torch.nn.Module) -> bool:
     """A causal LM whose layers these functions can run (``model.model.layers``)."""
@@ -55,11 +72,17 @@ def qkv(
 
 
 def prefill(
-    model: PreTrainedModel, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Forward of left-padded prompts ids, pos, valid (U, S): the last layer's hidden states
     (U, S, C), before the final norm, and each layer's keys and values (U, Hkv, S, D).
-    Differentiable (the trainer backpropagates through it); the sampler calls it under no_grad."""
+    ``kv_dtype`` (a narrower cache's type): keys and values are rounded to it, then attended
+    to. Differentiable (the trainer backpropagates through it); the sampler calls it under
+    no_grad."""
     U, S = ids.shape
     h = model.model.embed_tokens(ids)  # (U, S, C)
     cos, sin = model.model.rotary_emb(h, pos)
@@ -71,6 +94,8 @@ def prefill(
         attn = layer.self_attn
         q, k, v = qkv(attn, fused_ops.rms_norm(layer.input_layernorm, h), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (U, H|Hkv, S, D)
+        if kv_dtype is not None and kv_dtype != k.dtype:  # as the cache will hold them
+            k, v = k.to(kv_dtype).to(q.dtype), v.to(kv_dtype).to(q.dtype)
         keys.append(k)
         values.append(v)
         o = F.scaled_dot_product_attention(

@@ -70,8 +70,9 @@ __all__ = ["FusedLlama", "fused_runner", "kernels", "lora_grads", "trainer_kerne
 
 _C_HEADER = r"""
 /* Shared by the decoding step's kernels and the trainer's: fp32, CPU, contiguous tensors.
-   Plain C, no intrinsics: gcc vectorizes the loops marked `omp simd` (-fopenmp-simd), and the
-   GNU vector types below (v16, vtile) become the machine's vectors, or pairs of them. No
+   Plain C: gcc vectorizes the loops marked `omp simd` (-fopenmp-simd), and the GNU vector
+   types below (v16, vtile) become the machine's vectors, or pairs of them (one intrinsic, for
+   half-precision caches where the CPU has F16C). No
    -ffast-math, so the process's floating-point mode and inf/NaN semantics stay as they are. */
 #include <math.h>
 #include <stdint.h>
@@ -85,6 +86,17 @@ _C_HEADER = r"""
 #define HEAD_DIM 64
 #endif
 #define TILE 8
+
+/* The element of the decoding step's key/value caches: IEEE half floats in a KV_HALF build where
+   the compiler has _Float16 (half the bytes for attention to stream; values are rounded once,
+   when cached, and computed on in fp32), else fp32. The trainer's build is fp32. */
+#if defined(KV_HALF) && KV_HALF && defined(__FLT16_MAX__)
+#define KV_IS_HALF 1
+typedef _Float16 kv_t;
+#else
+#define KV_IS_HALF 0
+typedef float kv_t;
+#endif
 
 /* exp(x), 16 lanes at a time: Cephes' expf (2^n e^r, |r| <= ln2 / 2, degree-6 polynomial; about
    1 ulp), with x clamped to [-87, 88] so that 2^n stays a normal float (exp(-87) = 1.6e-38 stands
@@ -164,39 +176,67 @@ INLINE void rope(const float *restrict x, const float *restrict c, const float *
     for (int64_t d = h; d < D; d++) out[d] = x[d] * c[d] + x[d - h] * sn[d];
 }
 
+/* Key tiles, TILE lanes (widened from the cache's element: kvtile). */
+typedef float vtile __attribute__((vector_size(TILE * sizeof(float))));
+typedef int32_t vitile __attribute__((vector_size(TILE * sizeof(int32_t))));
+
+/* TILE cached floats as fp32. Halves: by F16C's vcvtph2ps where the build has it (gcc 12
+   turns __builtin_convertvector from _Float16 into one conversion per lane), else by integer
+   ops: a half's bits shifted into a float's place read as the same number times 2^-112
+   (subnormals and zero included), so one product restores it; then the sign goes back. */
+#if KV_IS_HALF
+typedef uint16_t kvtile __attribute__((vector_size(TILE * sizeof(uint16_t))));
+#if defined(__F16C__) && TILE == 8
+#include <immintrin.h>
+INLINE vtile widen_tile(kvtile h) {
+    __m128i x;
+    memcpy(&x, &h, sizeof x);
+    return (vtile)_mm256_cvtph_ps(x);
+}
+#ifdef __AVX512F__
+INLINE v16 load16h(const kv_t *p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#endif
+#else
+INLINE vtile widen_tile(kvtile h) {
+    const vitile w = __builtin_convertvector(h, vitile);
+    const vtile mag = (vtile)((w & 0x7fff) << 13) * 0x1p112f;
+    return (vtile)((vitile)mag | ((w & 0x8000) << 16));
+}
+#endif
+#else
+typedef float kvtile __attribute__((vector_size(TILE * sizeof(float))));
+INLINE vtile widen_tile(kvtile h) { return h; }
+#endif
+
+/* TILE cached floats at p, as fp32. */
+INLINE vtile load_tile(const kv_t *p) {
+    kvtile x;
+    memcpy(&x, p, sizeof x);
+    return widen_tile(x);
+}
+
 /* out[l] = q . key l, for the 8 keys of one tile kt (D, 8): 8-wide multiply-adds, no
    horizontal sums. */
-typedef float vtile __attribute__((vector_size(TILE * sizeof(float))));
-
-INLINE void tile_scores(const float *restrict q, const float *restrict kt, float *restrict out,
+INLINE void tile_scores(const float *restrict q, const kv_t *restrict kt, float *restrict out,
                         int64_t D) {
     vtile acc = {0};
-    for (int64_t d = 0; d < D; d++) {
-        vtile k;
-        memcpy(&k, kt + d * TILE, sizeof k);
-        acc += q[d] * k;
-    }
+    for (int64_t d = 0; d < D; d++) acc += q[d] * load_tile(kt + d * TILE);
     memcpy(out, &acc, sizeof acc);
 }
 
 /* tile_scores of n consecutive tiles, 4 at a time (independent sums keep the FMA units busy
    instead of waiting on one chain of D multiply-adds). */
-INLINE void tiles_scores(const float *restrict q, const float *restrict kt, float *restrict out,
+INLINE void tiles_scores(const float *restrict q, const kv_t *restrict kt, float *restrict out,
                          int64_t n, int64_t D) {
     int64_t b = 0;
     for (; b + 4 <= n; b += 4) {
         vtile a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        const float *k0 = kt + b * D * TILE;
+        const kv_t *k0 = kt + b * D * TILE;
         for (int64_t d = 0; d < D; d++) {
-            vtile x0, x1, x2, x3;
-            memcpy(&x0, k0 + d * TILE, sizeof x0);
-            memcpy(&x1, k0 + (D + d) * TILE, sizeof x1);
-            memcpy(&x2, k0 + (2 * D + d) * TILE, sizeof x2);
-            memcpy(&x3, k0 + (3 * D + d) * TILE, sizeof x3);
-            a0 += q[d] * x0;
-            a1 += q[d] * x1;
-            a2 += q[d] * x2;
-            a3 += q[d] * x3;
+            a0 += q[d] * load_tile(k0 + d * TILE);
+            a1 += q[d] * load_tile(k0 + (D + d) * TILE);
+            a2 += q[d] * load_tile(k0 + (2 * D + d) * TILE);
+            a3 += q[d] * load_tile(k0 + (3 * D + d) * TILE);
         }
         memcpy(out + b * TILE, &a0, sizeof a0);
         memcpy(out + (b + 1) * TILE, &a1, sizeof a1);
@@ -218,10 +258,59 @@ INLINE float exp_shifted(float *restrict s, int64_t n, float *restrict mx) {
     return z;
 }
 
+/* TILE cached floats at p, as fp32: the first min(m, TILE) of them, the other lanes 0. */
+INLINE vtile load_tilen(const kv_t *p, int64_t m) {
+    if (m >= TILE)
+        return load_tile(p);
+    kvtile x = {0};
+    memcpy(&x, p, m * sizeof(kv_t));
+    return widen_tile(x);
+}
+
 /* acc += sum_j p[j] v[j] over n rows v (n, D), four rows at a time into four partial sums
-   (one chain of n dependent multiply-adds would wait on each). */
-INLINE void weighted_rows(const float *restrict p, const float *restrict v, int64_t n,
+   (one chain of n dependent multiply-adds would wait on each). Half caches: TILE lanes of D
+   at a time, widened as they are read (a head's rows stay in L1 for the next lanes); the same
+   sums in the same order as fp32's loop over all of D, which was faster for fp32. */
+INLINE void weighted_rows(const float *restrict p, const kv_t *restrict v, int64_t n,
                            float *restrict acc, int64_t D) {
+#if KV_IS_HALF && defined(__AVX512F__)
+    if (D % 16 == 0) { /* 16 lanes a conversion */
+        for (int64_t d = 0; d < D; d += 16) {
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, cur;
+            int64_t j = 0;
+            for (; j + 4 <= n; j += 4) {
+                const kv_t *v0 = v + j * D + d;
+                a0 += p[j] * load16h(v0);
+                a1 += p[j + 1] * load16h(v0 + D);
+                a2 += p[j + 2] * load16h(v0 + 2 * D);
+                a3 += p[j + 3] * load16h(v0 + 3 * D);
+            }
+            for (; j < n; j++) a0 += p[j] * load16h(v + j * D + d);
+            memcpy(&cur, acc + d, sizeof cur);
+            cur += (a0 + a1) + (a2 + a3);
+            memcpy(acc + d, &cur, sizeof cur);
+        }
+        return;
+    }
+#endif
+#if KV_IS_HALF
+    for (int64_t d = 0; d < D; d += TILE) {
+        const int64_t m = D - d < TILE ? D - d : TILE;
+        vtile a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, cur = {0};
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const kv_t *v0 = v + j * D + d;
+            a0 += p[j] * load_tilen(v0, m);
+            a1 += p[j + 1] * load_tilen(v0 + D, m);
+            a2 += p[j + 2] * load_tilen(v0 + 2 * D, m);
+            a3 += p[j + 3] * load_tilen(v0 + 3 * D, m);
+        }
+        for (; j < n; j++) a0 += p[j] * load_tilen(v + j * D + d, m);
+        memcpy(&cur, acc + d, m * sizeof(float));
+        cur += (a0 + a1) + (a2 + a3);
+        memcpy(acc + d, &cur, m * sizeof(float));
+    }
+#else
     float a0[D], a1[D], a2[D], a3[D];
     memset(a0, 0, sizeof a0), memset(a1, 0, sizeof a1);
     memset(a2, 0, sizeof a2), memset(a3, 0, sizeof a3);
@@ -241,6 +330,7 @@ INLINE void weighted_rows(const float *restrict p, const float *restrict v, int6
         for (int64_t d = 0; d < D; d++) a0[d] += p[j] * v[j * D + d];
 #pragma omp simd
     for (int64_t d = 0; d < D; d++) acc[d] += (a0[d] + a1[d]) + (a2[d] + a3[d]);
+#endif
 }
 """
 
@@ -265,15 +355,21 @@ void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
     }
 }
 
-/* Prefetch n floats from p into the L2 cache, one request per 64-byte line. */
-INLINE void prefetch(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
+/* Prefetch n cached floats from p into the L2 cache, one request per 64-byte line. */
+INLINE void prefetch(const kv_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64 / sizeof(kv_t)) __builtin_prefetch(p + i, 0, 2);
 }
+
+/* Bytes of one cached key or value float: 2 (half) or 4. */
+int64_t kv_bytes(void) { return sizeof(kv_t); }
+
+/* The head size attn_decode was built for (its D argument must equal it). */
+int64_t decode_head_dim(void) { return HEAD_DIM; }
 
 /* One kv head g of one slot: see attn_decode. sc: (H / Hkv) rows of nmax + 2 TILE floats. */
 INLINE void attn_head(const float *restrict row, const float *restrict c,
-                      const float *restrict sn, float *restrict kcg, float *restrict vcg,
-                      const float *restrict kpg, const float *restrict vpg, float *restrict o,
+                      const float *restrict sn, kv_t *restrict kcg, kv_t *restrict vcg,
+                      const kv_t *restrict kpg, const kv_t *restrict vpg, float *restrict o,
                       float *restrict q, float *restrict sc, int64_t g, int64_t H, int64_t Hkv,
                       int64_t D, int64_t Lp, int64_t p0, int64_t t, int64_t nmax,
                       float scaling) {
@@ -281,11 +377,12 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
     /* the new key, rotated, into column t (tile t / 8, lane t % 8); the new value into row t */
     float k[D];
     rope(row + (H + g) * D, c, sn, k, D);
-    float *kt = kcg + (t / TILE) * D * TILE;
+    kv_t *kt = kcg + (t / TILE) * D * TILE;
     if (t % TILE == 0) /* a fresh tile: its unwritten lanes are computed on, so make them 0 */
-        memset(kt, 0, D * TILE * sizeof(float));
-    for (int64_t d = 0; d < D; d++) kt[d * TILE + t % TILE] = k[d];
-    memcpy(vcg + t * D, row + (H + Hkv + g) * D, D * sizeof(float));
+        memset(kt, 0, D * TILE * sizeof(kv_t));
+    for (int64_t d = 0; d < D; d++) kt[d * TILE + t % TILE] = (kv_t)k[d];
+    const float *vnew = row + (H + Hkv + g) * D;
+    for (int64_t d = 0; d < D; d++) vcg[t * D + d] = (kv_t)vnew[d];
     for (int64_t r = 0; r < rep; r++) {
         float *qr = q + r * D;
         rope(row + (g * rep + r) * D, c, sn, qr, D);
@@ -328,8 +425,8 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
    floats. Slots are split over nthreads OpenMP threads (each slot's arithmetic is the same
    whatever the split, so results do not depend on it). */
 void attn_decode(const float *restrict qkv, const float *restrict cos_t,
-                 const float *restrict sin_t, const int64_t *restrict pos, float *restrict kc,
-                 float *restrict vc, const float *restrict kp, const float *restrict vp,
+                 const float *restrict sin_t, const int64_t *restrict pos, kv_t *restrict kc,
+                 kv_t *restrict vc, const kv_t *restrict kp, const kv_t *restrict vp,
                  const int64_t *restrict rp, const int64_t *restrict pstart,
                  const int64_t *restrict cr, float *restrict out, float *restrict scratch, int64_t per_thread,
                  int64_t nthreads, int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t T,
@@ -350,8 +447,8 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
         const float *c = cos_t + pos[s] * D, *sn = sin_t + pos[s] * D, *row = qkv + s * stride;
         const int64_t u = rp[s], p0 = pstart[u];
         for (int64_t g = 0; g < Hkv; g++) {
-            float *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
-            const float *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
+            kv_t *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
+            const kv_t *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
             float *o = out + (s * H + g * rep) * D;
             /* ask for this head's values (read after its scores) and the next head's keys now,
                so that their memory latency overlaps this head's arithmetic */
@@ -360,13 +457,10 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
                 prefetch(kcg + kstride, (t / TILE + 1) * TILE * D);
             else if (s + 1 < S)
                 prefetch(kc + cr[s + 1] * Hkv * kstride, (t / TILE + 1) * TILE * D);
-#define HEAD(DD) \
-    attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, DD, Lp, p0, t, nmax, scaling)
-            if (D == HEAD_DIM) /* the model's head size, built in: loops fully unrolled */
-                HEAD(HEAD_DIM);
-            else
-                HEAD(D);
-#undef HEAD
+            /* the model's head size is built in (D == HEAD_DIM: FusedLlama checks), so the
+               loops unroll fully; no generic copy, which doubled the build's time */
+            attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, HEAD_DIM, Lp, p0, t,
+                      nmax, scaling);
         }
     }
 }
@@ -860,6 +954,8 @@ _SIGNATURES = {
         "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
         "sample_rows": [_P] * 7 + [_I64, _I64],
         "attn_decode_per_thread": [_I64] * 5,
+        "kv_bytes": [],
+        "decode_head_dim": [],
     },
     "train": {
         "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
@@ -889,7 +985,7 @@ _COMMON = [
 ]
 
 _warned: set[str] = set()
-_libs: dict[tuple[str, int], ctypes.CDLL] = {}  # by part and head size
+_libs: dict[tuple[str, int, bool], ctypes.CDLL] = {}  # by part, head size and half KV cache
 _threaded: set[int] = set()  # ids of the libraries that may split work over torch's threads
 _lib_error: str | None = None
 
@@ -947,14 +1043,17 @@ def _build(source: str, cc: str, flags: list[str], out: Path) -> None:
         os.replace(so, out)  # atomic: a concurrent build of the same key is harmless
 
 
-def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
+def kernels(head_dim: int = 64, part: str = "decode", kv_half: bool = False) -> ctypes.CDLL:
     """The fused kernels of ``part`` ("decode": the decoding step's; "train": the trainer's),
-    specialized for heads of ``head_dim`` (any other size still runs, on generic loops), built
-    on first use into ``<cache>/kernels/`` (about a second each), then loaded from there. Raises
-    RuntimeError with the reason when no C compiler can build them."""
+    specialized for heads of ``head_dim`` (the trainer's still run any other size, on generic
+    loops; the decoding step's only that one), built on first use into ``<cache>/kernels/`` (about a second each), then loaded from there.
+    ``kv_half``: the decoding step caches keys and values as half floats where the compiler has
+    ``_Float16`` (``lib.kv_bytes()`` says which it got). Raises RuntimeError with the reason when
+    no C compiler can build them."""
     global _lib_error
-    if (part, head_dim) in _libs:
-        return _libs[part, head_dim]
+    kv_half = kv_half and part == "decode"
+    if (part, head_dim, kv_half) in _libs:
+        return _libs[part, head_dim, kv_half]
     if _lib_error is not None:
         raise RuntimeError(_lib_error)
     cc = _compiler()
@@ -970,7 +1069,7 @@ def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
             version, cc = "", None
             errors.append(f"C compiler {os.environ.get('CC')!r} does not run ({e})")
         for flags in _FLAG_SETS if cc else ():
-            flags = [*flags, f"-DHEAD_DIM={int(head_dim)}"]
+            flags = [*flags, f"-DHEAD_DIM={int(head_dim)}", f"-DKV_HALF={int(kv_half)}"]
             key = hashlib.sha256(
                 "\0".join(
                     [_SOURCES[part], cc, version, " ".join(_COMMON + flags), _cpu_id()]
@@ -988,10 +1087,11 @@ def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
                 continue
             for name, args in _SIGNATURES[part].items():
                 getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = _I64 if name.endswith("_per_thread") else None
+                wide = name.endswith("_per_thread") or name in ("kv_bytes", "decode_head_dim")
+                getattr(lib, name).restype = _I64 if wide else None
             if "-fopenmp" in flags and _one_openmp_runtime():
                 _threaded.add(id(lib))
-            _libs[part, head_dim] = lib
+            _libs[part, head_dim, kv_half] = lib
             return lib
     _lib_error = "could not build the fused kernels: " + "; ".join(errors)
     raise RuntimeError(_lib_error)
@@ -1000,7 +1100,7 @@ def kernels(head_dim: int = 64, part: str = "decode") -> ctypes.CDLL:
 def trainer_kernels() -> ctypes.CDLL:
     """The trainer's kernels already loaded for any head size (those that do not depend on
     it), else those built for the default one; RuntimeError as ``kernels``."""
-    loaded = [lib for (part, _), lib in _libs.items() if part == "train"]
+    loaded = [lib for (part, _, _), lib in _libs.items() if part == "train"]
     return loaded[0] if loaded else kernels(part="train")
 
 
@@ -1064,6 +1164,8 @@ class FusedLlama:
         inner, cfg = model.model, model.config
         attn = inner.layers[0].self_attn
         self.D = attn.head_dim
+        if lib.decode_head_dim() != self.D:
+            raise RuntimeError(f"kernels built for heads of {lib.decode_head_dim()}, not {self.D}")
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.scaling = float(attn.scaling)
         self.eps = float(inner.norm.variance_epsilon)
@@ -1092,19 +1194,30 @@ class FusedLlama:
         self.lm_head = model.lm_head.weight.detach().contiguous()  # (V, C)
         bias = getattr(model.lm_head, "bias", None)
         self.lm_head_bias = None if bias is None else bias.detach()  # (V,)
+        # Where torch's own product runs (oneDNN off: Intel's MKL), each weight is also kept
+        # as (in, out) and each product written into a buffer kept from step to step: about
+        # 10% of a rollout less than F.linear's (out, in) product into a new tensor.
+        self._wt: dict[int, torch.Tensor] = {}
+        if not onednn.ENABLED:
+            ws = [w[k] for w in self.layers for k in ("qkv", "o", "gu", "down")]
+            self._wt = {id(w): w.t().contiguous() for w in [*ws, self.lm_head]}
+        self._out: dict[int, torch.Tensor] = {}
         self.I = inner.layers[0].mlp.gate_proj.out_features
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # (1, P, D), HF's own
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self.t = 0
         self.S = 0
+        # the caches' element type, as the kernels were built (kv_bytes: 2 half, 4 fp32)
+        self.kv_dtype = torch.float16 if lib.kv_bytes() == 2 else torch.float32
 
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids, pos, valid: (U, Lp) left-padded prompts; returns last-position logits (U, V)."""
-        h, keys, values = decoder.prefill(self.model, ids, pos, valid)
+        h, keys, values = decoder.prefill(self.model, ids, pos, valid, self.kv_dtype)
         self.Lp = ids.shape[1]
-        self.kp = _tiles(torch.stack(keys))  # (L, U, Hkv, ceil(Lp / 8), D, 8)
-        self.vp = torch.stack(values).contiguous()  # (L, U, Hkv, Lp, D)
+        kv = self.kv_dtype  # the prefill rounded them to it already: exact conversions
+        self.kp = _tiles(torch.stack(keys)).to(kv)  # (L, U, Hkv, ceil(Lp / 8), D, 8)
+        self.vp = torch.stack(values).to(kv).contiguous()  # (L, U, Hkv, Lp, D)
         # left padding: a prompt's valid columns are a suffix, from its first valid column on
         self.pstart = (valid.shape[1] - valid.sum(-1)).to(torch.int64).contiguous()  # (U,)
         return onednn.linear(self.model.model.norm(h[:, -1]), self.lm_head, self.lm_head_bias)
@@ -1125,8 +1238,8 @@ class FusedLlama:
         # never zero-filled: the kernel reads only columns it wrote (a key tile is zeroed
         # when its first column is written), so memory is touched only as rows decode
         tiles = -(-self.T // _TILE)
-        self.k = torch.empty((L, B, Hkv, tiles, D, _TILE), dtype=torch.float32, device=rp.device)
-        self.v = torch.empty((L, B, Hkv, self.T, D), dtype=torch.float32, device=rp.device)
+        self.k = torch.empty((L, B, Hkv, tiles, D, _TILE), dtype=self.kv_dtype, device=rp.device)
+        self.v = torch.empty((L, B, Hkv, self.T, D), dtype=self.kv_dtype, device=rp.device)
         self._allocate(rp, torch.arange(B, device=rp.device))
         return torch.arange(self.S, device=row_prompt.device)
 
@@ -1154,6 +1267,19 @@ class FusedLlama:
         # every call; otherwise onednn.linear decides (blocks, or torch's own product)
         direct = onednn.applies(self.x, self.lm_head) and R <= onednn.BLOCK
         self.linear = onednn.product if direct else onednn.linear
+        if self._wt:
+            self.linear, self._out = self._product, {}
+
+    def _product(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (R, in) times the weight w (out, in), transposed, plus bias: torch's product
+        into w's buffer for this size, overwritten by w's next product."""
+        out = self._out.get(id(w))
+        if out is None:
+            out = self._out[id(w)] = x.new_empty(x.shape[0], w.shape[0])
+        wt = self._wt[id(w)]
+        return torch.mm(x, wt, out=out) if bias is None else torch.addmm(bias, x, wt, out=out)
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
@@ -1233,13 +1359,16 @@ class FusedLlama:
         return self.logits, self.tok, self.lp
 
 
-def fused_runner(model: PreTrainedModel, max_len: int) -> FusedLlama | None:
-    """A fused runner for ``model`` (sequences up to ``max_len`` tokens), or None after one
-    warning line when the fused step cannot run here."""
+def fused_runner(model: PreTrainedModel, max_len: int, kv_cache: str = "auto") -> FusedLlama | None:
+    """A fused runner for ``model`` (sequences up to ``max_len`` tokens) whose key/value cache
+    holds ``kv_cache`` floats (``decoder.KV_CACHE``: auto and float16 are half floats, model
+    fp32), or None after one warning line when the fused step cannot run here."""
+    half = decoder.kv_cache_dtype(kv_cache, torch.float32, fused=True) == torch.float16
     reason = unsupported(model, max_len)
     if reason is None:
         try:
-            return FusedLlama(model, kernels(model.model.layers[0].self_attn.head_dim), max_len)
+            lib = kernels(model.model.layers[0].self_attn.head_dim, kv_half=half)
+            return FusedLlama(model, lib, max_len)
         except RuntimeError as e:
             reason = str(e)
     _warn_once(reason)

@@ -120,8 +120,9 @@ class _LlamaLike:
     (.., T, D) cache per row instead leaves a gap after every row, which is slower once the
     cache outgrows the CPU caches (docs/results/performance.md)."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        """The prompt cache comes from ``prefill``, the completion cache from ``start``."""
+    def __init__(self, model: PreTrainedModel, kv_cache: str = "auto") -> None:
+        """The prompt cache comes from ``prefill``, the completion cache from ``start``;
+        ``kv_cache``: their dtype (``decoder.KV_CACHE``; the arithmetic stays the model's)."""
         self.model = model
         inner = model.model
         self.layers = inner.layers
@@ -133,6 +134,7 @@ class _LlamaLike:
         self.rep = self.n_heads // self.n_kv
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.kv_dtype = decoder.kv_cache_dtype(kv_cache, self.dtype, fused=False)
         # set by prefill: kp, vp (L, U, Hkv, Lp, D), pvalid (U, Lp); by start: k, v, T, pbias
         self.t = 0  # completion columns filled
         self.U = self.G = 0
@@ -146,8 +148,9 @@ class _LlamaLike:
     ) -> torch.Tensor:
         """ids, pos, valid: (U, S) left-padded prompts; returns last-position logits (U, V),
         or (U, S, V). Fills the prompt cache."""
-        h, keys, values = decoder.prefill(self.model, ids, pos, valid)
-        self.kp, self.vp = torch.stack(keys), torch.stack(values)  # (L, U, Hkv, S, D)
+        h, keys, values = decoder.prefill(self.model, ids, pos, valid, self.kv_dtype)
+        kv = self.kv_dtype
+        self.kp, self.vp = torch.stack(keys).to(kv), torch.stack(values).to(kv)  # (L,U,Hkv,S,D)
         self.pvalid = valid.clone()
         if last_only:
             h = h[:, -1]
@@ -207,8 +210,8 @@ class _LlamaLike:
         # when decoding enters it (``step``), so memory is touched only as rows decode: an
         # evaluation batch whose rows mostly stop early never makes the whole cache resident.
         make = torch.zeros if U * G > n else torch.empty
-        k = make(shape, dtype=self.dtype, device=self.device)
-        v = make(shape, dtype=self.dtype, device=self.device)
+        k = make(shape, dtype=self.kv_dtype, device=self.device)
+        v = make(shape, dtype=self.kv_dtype, device=self.device)
         if not force and self.t:
             old_g, nb = src - u * self.G, -(-self.t // self.BLOCK)  # blocks written so far
             k[:, :nb, new_u, :, new_g] = self.k[:, :nb, u, :, old_g]
@@ -243,15 +246,16 @@ class _LlamaLike:
             qg = (q.reshape(U, G, Hkv, rep, D).transpose(1, 2) * attn.scaling).contiguous()
             # each row's own tokens, block by block: (U, Hkv, G, rep, nb*BLOCK)
             kb, vb = self.k[li], self.v[li]  # (NB, U, Hkv, G, BLOCK, D)
-            s_c = torch.cat([qg @ kb[j].transpose(-1, -2) for j in range(nb)], dim=-1)
+            dt = qg.dtype  # a narrower cache is widened as it is read
+            s_c = torch.cat([qg @ kb[j].to(dt).transpose(-1, -2) for j in range(nb)], dim=-1)
             # the prompt's keys, once per group: (U, Hkv, G*rep, D) x (U, Hkv, D, Lp)
-            s_p = qg.view(U, Hkv, G * rep, D) @ self.kp[li].transpose(-1, -2) + self.pbias
+            s_p = qg.view(U, Hkv, G * rep, D) @ self.kp[li].to(dt).transpose(-1, -2) + self.pbias
             Lp = s_p.shape[-1]
             s = torch.cat([s_p.view(U, Hkv, G, rep, Lp), s_c + tail], dim=-1)
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(qg.dtype)
-            o = (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li]).view(qg.shape)
+            o = (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li].to(dt)).view(qg.shape)
             for j in range(nb):  # (U, Hkv, G, rep, D)
-                o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j]
+                o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j].to(dt)
             o = o.transpose(1, 2).reshape(S, 1, -1)  # (S, 1, H*D), heads in model order
             h = h + linear(attn.o_proj, o)
             h = h + mlp(layer.mlp, layer.post_attention_layernorm(h))
@@ -315,16 +319,19 @@ def sample_stream(
     pad_id: int = 0,
     tokenizer: Any = None,
     compile: bool = False,
+    kv_cache: str = "auto",
 ) -> Iterator[list[StepToken]]:
     """Decode all prompts together, yielding each step's tokens (one list per step).
 
     ``params`` is one ``SamplingParams`` for every row or one per prompt. Rows are prompt
     indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
     for stop strings. ``compile``: decode with the fused step (``compiled.py``; eager after
-    one warning where it cannot run); the same tokens up to float rounding.
+    one warning where it cannot run); the same tokens up to float rounding, with an fp32
+    cache. ``kv_cache``: what the key/value cache holds (``decoder.KV_CACHE``: auto, half
+    floats in the fused step and the model's dtype elsewhere; model; float16).
     """
     for rows, toks, lps, ends in _steps(
-        model, prompts, params, generator, pad_id, tokenizer, compile
+        model, prompts, params, generator, pad_id, tokenizer, compile, kv_cache
     ):
         yield [StepToken(*t) for t in zip(rows, toks, lps, ends or [None] * len(rows))]
 
@@ -343,6 +350,7 @@ def _steps(
     pad_id: int,
     tokenizer: Any,
     compile: bool,
+    kv_cache: str = "auto",
 ) -> Iterator[_Step]:
     """``sample_stream``'s steps as lists, without a ``StepToken`` per token."""
     row_params = _per_row(params, len(prompts))
@@ -353,7 +361,9 @@ def _steps(
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, prompts, row_params, stops, rows, generator, pad_id, compile)
+        yield from _decode(
+            model, prompts, row_params, stops, rows, generator, pad_id, compile, kv_cache
+        )
     finally:
         model.train(was_training)
 
@@ -367,6 +377,7 @@ def _decode(
     generator: torch.Generator | None,
     pad_id: int,
     compile: bool = False,
+    kv_cache: str = "auto",
 ) -> Iterator[_Step]:
     device = next(model.parameters()).device
     B = len(rows)
@@ -400,11 +411,11 @@ def _decode(
         valid[i, max_prompt - len(p) :] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = max_prompt + int(max_new.max())
-    fused = compiled.fused_runner(model, max_len) if compile else None
+    fused = compiled.fused_runner(model, max_len, kv_cache) if compile else None
     if fused is not None:
         runner: _LlamaLike | _HFCache | compiled.FusedLlama = fused
     elif _LlamaLike.supports(model) and decoder.fits_window(model, max_len):
-        runner = _LlamaLike(model)
+        runner = _LlamaLike(model, kv_cache)
     else:
         runner = _HFCache(model)
     # The fused step also chooses the tokens, from uniforms drawn here exactly as ``_draw``
@@ -538,17 +549,18 @@ def sample(
     *,
     tokenizer: Any = None,
     compile: bool = False,
+    kv_cache: str = "auto",
 ) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
 
     ``params``: one ``SamplingParams`` for all prompts, or one per prompt. ``compile``: the
-    fused decoding step (``sample_stream``).
+    fused decoding step; ``kv_cache``: the cache's dtype (both as ``sample_stream``).
     """
     ids: list[list[int]] = [[] for _ in prompts]
     lps: list[list[float]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
     for rows, toks, step_lps, ends in _steps(
-        model, prompts, params, generator, pad_id, tokenizer, compile
+        model, prompts, params, generator, pad_id, tokenizer, compile, kv_cache
     ):
         for r, t, lp in zip(rows, toks, step_lps):
             ids[r].append(t)
@@ -581,12 +593,15 @@ class TorchEngine:
         pad_id: int | None = None,
         max_batch_rows: int | None = None,
         compile: bool = False,
+        kv_cache: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = resolve_pad_id(tokenizer, pad_id)
         self.max_batch_rows = max_batch_rows  # rows decoded together; None: one batch
         self.compile = compile  # the fused decoding step (compiled.py); False: eager
+        decoder.kv_cache_dtype(kv_cache, torch.float32, compile)  # a bad name fails here
+        self.kv_cache = kv_cache  # the key/value cache's dtype (decoder.KV_CACHE)
 
     def generate(
         self, requests: Sequence[Request], generator: torch.Generator | None = None
@@ -604,6 +619,7 @@ class TorchEngine:
                 self.pad_id,
                 tokenizer=self.tokenizer,
                 compile=self.compile,
+                kv_cache=self.kv_cache,
             )
         return per_request(flat, requests)
 
@@ -619,6 +635,7 @@ class TorchEngine:
             self.pad_id,
             self.tokenizer,
             self.compile,
+            self.kv_cache,
         ):
             for t in step:
                 yield TokenEvent(t.row, t.token_id, t.logprob, t.finish_reason)
@@ -631,7 +648,9 @@ class TorchEngine:
 @ENGINES.register("torch")
 class FusedTorchEngine(TorchEngine):
     """The default engine: our sampler with the fused decoding step (``compiled.py``), eager
-    after one warning line where it cannot run (``--engine torch-eager`` asks for eager)."""
+    after one warning line where it cannot run (``--engine torch-eager`` asks for eager). The
+    fused step caches keys and values as half floats unless ``kv_cache="model"``
+    (``decoder.KV_CACHE``)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, **options: Any) -> None:
         options.setdefault("compile", True)

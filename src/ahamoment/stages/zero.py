@@ -40,6 +40,7 @@ from rich.table import Table
 from ahamoment import lora, training
 from ahamoment.args import HeldoutArgs, LoraArgs, ModelArgs, TrainArgs, check_groups
 from ahamoment.base_models import pretrain_meta, reversed_digits
+from ahamoment.decoder import kv_cache_dtype
 from ahamoment.evaluation import HeldoutSet, template_baseline
 from ahamoment.logging_backends import LOGGERS, NullLogger, make_logger
 from ahamoment.models import load_model, n_params
@@ -92,6 +93,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Rollout nucleus sampling."""
     engine: str = "torch"
     """Rollout engine (rollout/): torch (our KV-cache sampler, fused decoding step), torch-eager (plain torch ops), hf (transformers generate), vllm (GPU extra)."""
+    kv_cache: str = "auto"
+    """What --engine torch or torch-eager keeps in its key/value cache: auto (half floats where the fused decoding step runs, an fp32 model on CPU; else the model's dtype), model (the model's dtype), float16 (half floats). Half floats halve the bytes the decoding step's attention reads; each cached key and value is rounded once, which moves the sampler's log-probs by about 1e-3 (the behaviour policy's own, which --old-logp sampler takes)."""
     reward: str = "accuracy=1.0,format=1.0"
     """Weighted rewards as name=weight pairs; a name may be an import path pkg.mod:fn (weight 1 if omitted)."""
     advantage: str = "grpo"
@@ -234,6 +237,14 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         self.reward_weights()
         if self.old_logp != "auto":
             OLD_LOGP.get(self.old_logp)
+        kv_cache_dtype(self.kv_cache, torch.float32, fused=True)
+        if self.kv_cache != "auto" and (
+            self.rollout_server or self.engine not in ("torch", "torch-eager")
+        ):
+            raise ValueError(
+                f"--kv-cache {self.kv_cache} needs --engine torch or torch-eager in this "
+                "process (no --rollout-server)"
+            )
         if self.old_logp == "sampler" and not self.sampler_is_policy():
             raise ValueError(
                 "--old-logp sampler needs a sampler of the current weights in this process "
@@ -244,7 +255,9 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     def sampler_is_policy(self) -> bool:
         """Whether the rollouts' own log-probs are the trainer's policy before its first
         step, to float rounding: sampled in this process from the current weights, in fp32 as
-        the trainer computes (bf16 autocast rounds the trainer's differently)."""
+        the trainer computes (bf16 autocast rounds the trainer's differently). A half key/value
+        cache moves them by its rounding (about 1e-3); they are then the behaviour policy's
+        own log-probs, the denominator an importance ratio asks for."""
         in_process = getattr(ENGINES.get(self.engine), "decodes_module", False)
         return in_process and not (self.rollout_server or self.tis_cap or self.bf16)
 
@@ -261,7 +274,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         """The engine's name and options: the server engine when rollout servers are given
         (``reference_sha``: servers holding that reference compute the KL anchor)."""
         if not self.rollout_server:
-            return self.engine, {}
+            return self.engine, {} if self.kv_cache == "auto" else {"kv_cache": self.kv_cache}
         from ahamoment.server import API_KEY_ENV, WEIGHTS_KEY_ENV  # FastAPI: only with servers
 
         return "server", {
