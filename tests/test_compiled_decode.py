@@ -42,7 +42,6 @@ def _assert_same(eager, fused):
 
 
 def _both(model, prompts, params, seed=0, **kw):
-    kw.setdefault("kv_cache", "model")  # both fp32 unless a test asks for half caches
     eager = sample(model, prompts, params, torch.Generator().manual_seed(seed), **kw)
     fused = sample(model, prompts, params, torch.Generator().manual_seed(seed), compile=True, **kw)
     return eager, fused
@@ -154,15 +153,15 @@ def test_engine_option(tiny_model):
         for p in _prompts(3, tiny_model.config.vocab_size, seed=7)
     ]
     eager = TorchEngine(tiny_model).generate(requests, torch.Generator().manual_seed(8))
-    fused = TorchEngine(tiny_model, compile=True, kv_cache="model").generate(
+    fused = TorchEngine(tiny_model, compile=True).generate(
         requests, torch.Generator().manual_seed(8)
     )
     for a, b in zip(eager, fused):
         _assert_same(a, b)
-    # the half caches (the fused step's default) agree the same way
+    # with half caches they agree the same way
     gen = [torch.Generator().manual_seed(8) for _ in range(2)]
     eager = TorchEngine(tiny_model, kv_cache="float16").generate(requests, gen[0])
-    fused = TorchEngine(tiny_model, compile=True).generate(requests, gen[1])
+    fused = TorchEngine(tiny_model, compile=True, kv_cache="float16").generate(requests, gen[1])
     for a, b in zip(eager, fused):
         _assert_same(a, b)
 
@@ -233,8 +232,8 @@ def test_half_cache_moves_log_probs_by_its_rounding(gqa_model):
     # and value by at most 2^-11 of it), but not identical (the cache really is half)
     prompts = _prompts(6, gqa_model.config.vocab_size, seed=13)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=30)
-    full = sample(gqa_model, prompts, greedy, compile=True, kv_cache="model")
-    half = sample(gqa_model, prompts, greedy, compile=True)  # auto: half, where fused
+    full = sample(gqa_model, prompts, greedy, compile=True)
+    half = sample(gqa_model, prompts, greedy, compile=True, kv_cache="float16")
     assert [c.ids for c in half] == [c.ids for c in full]
     a = torch.tensor([lp for c in full for lp in c.logprobs])
     b = torch.tensor([lp for c in half for lp in c.logprobs])
@@ -242,10 +241,9 @@ def test_half_cache_moves_log_probs_by_its_rounding(gqa_model):
 
 
 def test_half_cache_is_half(gqa_model):
-    assert compiled.fused_runner(gqa_model, 64).kv_dtype == torch.float16  # auto
+    assert compiled.fused_runner(gqa_model, 64).kv_dtype == torch.float32  # model: the default
     assert compiled.fused_runner(gqa_model, 64, "float16").kv_dtype == torch.float16
-    assert compiled.fused_runner(gqa_model, 64, "model").kv_dtype == torch.float32
-    with pytest.raises(ValueError, match="kv_cache: 'bf16' is not one of auto, model, float16"):
+    with pytest.raises(ValueError, match="kv_cache: 'bf16' is not one of model, float16"):
         compiled.fused_runner(gqa_model, 64, "bf16")
 
 

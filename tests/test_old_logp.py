@@ -101,7 +101,7 @@ def test_auto_takes_the_sampler_only_where_it_decoded_the_current_weights():
     assert ZeroConfig().rollout_engine() == ("torch", {})
     with pytest.raises(ValueError, match="--kv-cache float16 needs --engine torch or torch-eager"):
         ZeroConfig(kv_cache="float16", engine="hf")
-    with pytest.raises(ValueError, match="kv_cache: 'half' is not one of auto, model, float16"):
+    with pytest.raises(ValueError, match="kv_cache: 'half' is not one of model, float16"):
         ZeroConfig(kv_cache="half")
     assert ZeroConfig(old_logp="forward").old_logp_source() == "forward"
     with pytest.raises(ValueError, match="--old-logp forward"):

@@ -18,22 +18,19 @@ from ahamoment.lora_linear import linear, mlp
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
-KV_CACHE = ("auto", "model", "float16")
-"""What the sampler's key/value cache holds. model: the model's dtype. float16: half floats,
-half the bytes a decoding step's attention reads from an fp32 model's cache; keys and values
-are rounded to it once, when cached (every attention then reads the rounded values, the
-prompt's own included), and the arithmetic stays in the model's dtype. auto: float16 where the
-fused decoding step runs (an fp32 model on CPU, ``rollout/compiled.py``), else the model's."""
+KV_CACHE = ("model", "float16")
+"""What the sampler's key/value cache holds. model (the default): the model's dtype. float16:
+half floats, half the bytes a decoding step's attention reads from an fp32 model's cache; keys
+and values are rounded to it once, when cached (every attention then reads the rounded values,
+the prompt's own included), and the arithmetic stays in the model's dtype."""
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype, fused: bool) -> torch.dtype:
-    """The dtype of a ``KV_CACHE`` choice for a model of ``model_dtype``, decoded by the fused
-    step or not; ValueError naming the choices for another name."""
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a ``KV_CACHE`` choice for a model of ``model_dtype``; ValueError naming the
+    choices for another name."""
     if name not in KV_CACHE:
         raise ValueError(f"kv_cache: {name!r} is not one of {', '.join(KV_CACHE)}")
-    if name == "float16" or (name == "auto" and fused):
-        return torch.float16
-    return model_dtype
+    return torch.float16 if name == "float16" else model_dtype
 
 
 def supports(model: torch.nn.Module) -> bool:

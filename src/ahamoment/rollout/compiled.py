@@ -1359,11 +1359,13 @@ class FusedLlama:
         return self.logits, self.tok, self.lp
 
 
-def fused_runner(model: PreTrainedModel, max_len: int, kv_cache: str = "auto") -> FusedLlama | None:
+def fused_runner(
+    model: PreTrainedModel, max_len: int, kv_cache: str = "model"
+) -> FusedLlama | None:
     """A fused runner for ``model`` (sequences up to ``max_len`` tokens) whose key/value cache
-    holds ``kv_cache`` floats (``decoder.KV_CACHE``: auto and float16 are half floats, model
-    fp32), or None after one warning line when the fused step cannot run here."""
-    half = decoder.kv_cache_dtype(kv_cache, torch.float32, fused=True) == torch.float16
+    holds ``kv_cache`` floats (``decoder.KV_CACHE``: model, fp32; float16, half floats), or
+    None after one warning line when the fused step cannot run here."""
+    half = decoder.kv_cache_dtype(kv_cache, torch.float32) == torch.float16
     reason = unsupported(model, max_len)
     if reason is None:
         try:

@@ -120,7 +120,7 @@ class _LlamaLike:
     (.., T, D) cache per row instead leaves a gap after every row, which is slower once the
     cache outgrows the CPU caches (docs/results/performance.md)."""
 
-    def __init__(self, model: PreTrainedModel, kv_cache: str = "auto") -> None:
+    def __init__(self, model: PreTrainedModel, kv_cache: str = "model") -> None:
         """The prompt cache comes from ``prefill``, the completion cache from ``start``;
         ``kv_cache``: their dtype (``decoder.KV_CACHE``; the arithmetic stays the model's)."""
         self.model = model
@@ -134,7 +134,7 @@ class _LlamaLike:
         self.rep = self.n_heads // self.n_kv
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.kv_dtype = decoder.kv_cache_dtype(kv_cache, self.dtype, fused=False)
+        self.kv_dtype = decoder.kv_cache_dtype(kv_cache, self.dtype)
         # set by prefill: kp, vp (L, U, Hkv, Lp, D), pvalid (U, Lp); by start: k, v, T, pbias
         self.t = 0  # completion columns filled
         self.U = self.G = 0
@@ -319,16 +319,15 @@ def sample_stream(
     pad_id: int = 0,
     tokenizer: Any = None,
     compile: bool = False,
-    kv_cache: str = "auto",
+    kv_cache: str = "model",
 ) -> Iterator[list[StepToken]]:
     """Decode all prompts together, yielding each step's tokens (one list per step).
 
     ``params`` is one ``SamplingParams`` for every row or one per prompt. Rows are prompt
     indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
     for stop strings. ``compile``: decode with the fused step (``compiled.py``; eager after
-    one warning where it cannot run); the same tokens up to float rounding, with an fp32
-    cache. ``kv_cache``: what the key/value cache holds (``decoder.KV_CACHE``: auto, half
-    floats in the fused step and the model's dtype elsewhere; model; float16).
+    one warning where it cannot run); the same tokens up to float rounding. ``kv_cache``: what
+    the key/value cache holds (``decoder.KV_CACHE``: model, the model's dtype; float16).
     """
     for rows, toks, lps, ends in _steps(
         model, prompts, params, generator, pad_id, tokenizer, compile, kv_cache
@@ -350,7 +349,7 @@ def _steps(
     pad_id: int,
     tokenizer: Any,
     compile: bool,
-    kv_cache: str = "auto",
+    kv_cache: str = "model",
 ) -> Iterator[_Step]:
     """``sample_stream``'s steps as lists, without a ``StepToken`` per token."""
     row_params = _per_row(params, len(prompts))
@@ -377,7 +376,7 @@ def _decode(
     generator: torch.Generator | None,
     pad_id: int,
     compile: bool = False,
-    kv_cache: str = "auto",
+    kv_cache: str = "model",
 ) -> Iterator[_Step]:
     device = next(model.parameters()).device
     B = len(rows)
@@ -549,7 +548,7 @@ def sample(
     *,
     tokenizer: Any = None,
     compile: bool = False,
-    kv_cache: str = "auto",
+    kv_cache: str = "model",
 ) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
 
@@ -593,14 +592,14 @@ class TorchEngine:
         pad_id: int | None = None,
         max_batch_rows: int | None = None,
         compile: bool = False,
-        kv_cache: str = "auto",
+        kv_cache: str = "model",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = resolve_pad_id(tokenizer, pad_id)
         self.max_batch_rows = max_batch_rows  # rows decoded together; None: one batch
         self.compile = compile  # the fused decoding step (compiled.py); False: eager
-        decoder.kv_cache_dtype(kv_cache, torch.float32, compile)  # a bad name fails here
+        decoder.kv_cache_dtype(kv_cache, torch.float32)  # a bad name fails here
         self.kv_cache = kv_cache  # the key/value cache's dtype (decoder.KV_CACHE)
 
     def generate(
@@ -648,9 +647,8 @@ class TorchEngine:
 @ENGINES.register("torch")
 class FusedTorchEngine(TorchEngine):
     """The default engine: our sampler with the fused decoding step (``compiled.py``), eager
-    after one warning line where it cannot run (``--engine torch-eager`` asks for eager). The
-    fused step caches keys and values as half floats unless ``kv_cache="model"``
-    (``decoder.KV_CACHE``)."""
+    after one warning line where it cannot run (``--engine torch-eager`` asks for eager).
+    ``kv_cache="float16"`` halves the bytes its attention reads (``decoder.KV_CACHE``)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, **options: Any) -> None:
         options.setdefault("compile", True)

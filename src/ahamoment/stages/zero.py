@@ -93,8 +93,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """Rollout nucleus sampling."""
     engine: str = "torch"
     """Rollout engine (rollout/): torch (our KV-cache sampler, fused decoding step), torch-eager (plain torch ops), hf (transformers generate), vllm (GPU extra)."""
-    kv_cache: str = "auto"
-    """What --engine torch or torch-eager keeps in its key/value cache: auto (half floats where the fused decoding step runs, an fp32 model on CPU; else the model's dtype), model (the model's dtype), float16 (half floats). Half floats halve the bytes the decoding step's attention reads; each cached key and value is rounded once, which moves the sampler's log-probs by about 1e-3 (the behaviour policy's own, which --old-logp sampler takes)."""
+    kv_cache: str = "model"
+    """What --engine torch or torch-eager keeps in its key/value cache: model (the model's dtype) or float16 (half floats: half the bytes for the decoding step's attention to read, which pays on long generations; each cached key and value is rounded once, which moves the sampler's log-probs by about 1e-4; they are then the behaviour policy's own, which --old-logp sampler takes)."""
     reward: str = "accuracy=1.0,format=1.0"
     """Weighted rewards as name=weight pairs; a name may be an import path pkg.mod:fn (weight 1 if omitted)."""
     advantage: str = "grpo"
@@ -237,8 +237,8 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         self.reward_weights()
         if self.old_logp != "auto":
             OLD_LOGP.get(self.old_logp)
-        kv_cache_dtype(self.kv_cache, torch.float32, fused=True)
-        if self.kv_cache != "auto" and (
+        kv_cache_dtype(self.kv_cache, torch.float32)
+        if self.kv_cache != "model" and (
             self.rollout_server or self.engine not in ("torch", "torch-eager")
         ):
             raise ValueError(
@@ -274,7 +274,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         """The engine's name and options: the server engine when rollout servers are given
         (``reference_sha``: servers holding that reference compute the KL anchor)."""
         if not self.rollout_server:
-            return self.engine, {} if self.kv_cache == "auto" else {"kv_cache": self.kv_cache}
+            return self.engine, {} if self.kv_cache == "model" else {"kv_cache": self.kv_cache}
         from ahamoment.server import API_KEY_ENV, WEIGHTS_KEY_ENV  # FastAPI: only with servers
 
         return "server", {
