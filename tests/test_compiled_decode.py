@@ -301,3 +301,13 @@ def test_rows_split_over_threads_equal_one_thread(gqa_model, monkeypatch):
         torch.set_num_threads(before)
     assert [(c.ids, c.logprobs) for c in split] == [(c.ids, c.logprobs) for c in one]
     assert len({len(c.ids) for c in one}) > 2
+
+
+def test_trainer_kernels_follow_the_decoding_head_size(monkeypatch):
+    # a rollout's prefill runs the trainer's norms before any training step: they come from
+    # the trainer's library for the decoding library's head size, so it is built once
+    monkeypatch.setattr(compiled, "_libs", {})
+    compiled.kernels(32)
+    lib = compiled.trainer_kernels()
+    assert set(compiled._libs) == {("decode", 32, False), ("train", 32, False)}
+    assert compiled.kernels(32, "train") is lib

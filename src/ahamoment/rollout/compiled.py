@@ -1098,10 +1098,16 @@ def kernels(head_dim: int = 64, part: str = "decode", kv_half: bool = False) -> 
 
 
 def trainer_kernels() -> ctypes.CDLL:
-    """The trainer's kernels already loaded for any head size (those that do not depend on
-    it), else those built for the default one; RuntimeError as ``kernels``."""
+    """The trainer's kernels already loaded for any head size (for the kernels that do not
+    depend on it: norms, gates, adapters), else those for the head size a decoding library was
+    loaded for (a rollout's prefill runs the trainer's norms before any training step builds
+    them for its attention; one build, not two), else for the default one; RuntimeError as
+    ``kernels``."""
     loaded = [lib for (part, _, _), lib in _libs.items() if part == "train"]
-    return loaded[0] if loaded else kernels(part="train")
+    if loaded:
+        return loaded[0]
+    decoding = [d for (part, d, _) in _libs if part == "decode"]
+    return kernels(decoding[0], part="train") if decoding else kernels(part="train")
 
 
 _TILE = 8  # key columns per tile; TILE in the C source
