@@ -12,7 +12,9 @@ uniforms). A layer is 8 calls; attention reads each cached key and value once.
 
 What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, at
 the memory bandwidth that streaming every row's completion cache needs, so the step cannot get
-much faster in fp32 (docs/results/performance.md).
+much faster in fp32 (docs/results/performance.md). ``kv_cache="float16"`` (a build of its own,
+``KV_HALF``) caches keys and values as half floats, rounded once and widened as they are read: half
+the bytes for attention to stream; fp32 stays the default.
 
 The kernels are plain C, built per machine and head size with the system C compiler (``$CC``,
 else gcc or cc) into the ahamoment cache (``kernels/``), keyed by the source, the compiler and
@@ -1201,8 +1203,8 @@ class FusedLlama:
         bias = getattr(model.lm_head, "bias", None)
         self.lm_head_bias = None if bias is None else bias.detach()  # (V,)
         # Where torch's own product runs (oneDNN off: Intel's MKL), each weight is also kept
-        # as (in, out) and each product written into a buffer kept from step to step: about
-        # 10% of a rollout less than F.linear's (out, in) product into a new tensor.
+        # as (in, out) and each product written into a buffer kept from step to step, which
+        # ran faster than F.linear's (out, in) product into a new tensor (performance.md).
         self._wt: dict[int, torch.Tensor] = {}
         if not onednn.ENABLED:
             ws = [w[k] for w in self.layers for k in ("qkv", "o", "gu", "down")]

@@ -94,7 +94,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     engine: str = "torch"
     """Rollout engine (rollout/): torch (our KV-cache sampler, fused decoding step), torch-eager (plain torch ops), hf (transformers generate), vllm (GPU extra)."""
     kv_cache: str = "model"
-    """What --engine torch or torch-eager keeps in its key/value cache: model (the model's dtype) or float16 (half floats: half the bytes for the decoding step's attention to read, which pays on long generations; each cached key and value is rounded once, which moves the sampler's log-probs by about 1e-4; they are then the behaviour policy's own, which --old-logp sampler takes)."""
+    """What --engine torch or torch-eager keeps in its key/value cache: model (the model's dtype) or float16 (half floats: half the bytes for the decoding step's attention to read, which pays on long generations; each cached key and value is rounded once, which moves the sampler's log-probs by that rounding; they are then the behaviour policy's own, which --old-logp sampler takes)."""
     reward: str = "accuracy=1.0,format=1.0"
     """Weighted rewards as name=weight pairs; a name may be an import path pkg.mod:fn (weight 1 if omitted)."""
     advantage: str = "grpo"
@@ -256,7 +256,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         """Whether the rollouts' own log-probs are the trainer's policy before its first
         step, to float rounding: sampled in this process from the current weights, in fp32 as
         the trainer computes (bf16 autocast rounds the trainer's differently). A half key/value
-        cache moves them by its rounding (about 1e-3); they are then the behaviour policy's
+        cache moves them by its rounding; they are then the behaviour policy's
         own log-probs, the denominator an importance ratio asks for."""
         in_process = getattr(ENGINES.get(self.engine), "decodes_module", False)
         return in_process and not (self.rollout_server or self.tis_cap or self.bf16)
