@@ -195,9 +195,6 @@ INLINE vtile widen_tile(kvtile h) {
     memcpy(&x, &h, sizeof x);
     return (vtile)_mm256_cvtph_ps(x);
 }
-#ifdef __AVX512F__
-INLINE v16 load16h(const kv_t *p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-#endif
 #else
 INLINE vtile widen_tile(kvtile h) {
     const vitile w = __builtin_convertvector(h, vitile);
@@ -275,26 +272,6 @@ INLINE vtile load_tilen(const kv_t *p, int64_t m) {
    sums in the same order as fp32's loop over all of D, which was faster for fp32. */
 INLINE void weighted_rows(const float *restrict p, const kv_t *restrict v, int64_t n,
                            float *restrict acc, int64_t D) {
-#if KV_IS_HALF && defined(__AVX512F__)
-    if (D % 16 == 0) { /* 16 lanes a conversion */
-        for (int64_t d = 0; d < D; d += 16) {
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, cur;
-            int64_t j = 0;
-            for (; j + 4 <= n; j += 4) {
-                const kv_t *v0 = v + j * D + d;
-                a0 += p[j] * load16h(v0);
-                a1 += p[j + 1] * load16h(v0 + D);
-                a2 += p[j + 2] * load16h(v0 + 2 * D);
-                a3 += p[j + 3] * load16h(v0 + 3 * D);
-            }
-            for (; j < n; j++) a0 += p[j] * load16h(v + j * D + d);
-            memcpy(&cur, acc + d, sizeof cur);
-            cur += (a0 + a1) + (a2 + a3);
-            memcpy(acc + d, &cur, sizeof cur);
-        }
-        return;
-    }
-#endif
 #if KV_IS_HALF
     for (int64_t d = 0; d < D; d += TILE) {
         const int64_t m = D - d < TILE ? D - d : TILE;

@@ -245,17 +245,20 @@ class _LlamaLike:
             # (U, Hkv, G, rep, D): head h of a row uses kv head h // rep
             qg = (q.reshape(U, G, Hkv, rep, D).transpose(1, 2) * attn.scaling).contiguous()
             # each row's own tokens, block by block: (U, Hkv, G, rep, nb*BLOCK)
-            kb, vb = self.k[li], self.v[li]  # (NB, U, Hkv, G, BLOCK, D)
-            dt = qg.dtype  # a narrower cache is widened as it is read
-            s_c = torch.cat([qg @ kb[j].to(dt).transpose(-1, -2) for j in range(nb)], dim=-1)
+            # (nb, U, Hkv, G, BLOCK, D) blocks written so far and the prompt's (U, Hkv, Lp, D),
+            # in the arithmetic's dtype (a narrower cache is widened once a layer; else no-ops)
+            dt = qg.dtype
+            kb, vb = self.k[li, :nb].to(dt), self.v[li, :nb].to(dt)
+            kp, vp = self.kp[li].to(dt), self.vp[li].to(dt)
+            s_c = torch.cat([qg @ kb[j].transpose(-1, -2) for j in range(nb)], dim=-1)
             # the prompt's keys, once per group: (U, Hkv, G*rep, D) x (U, Hkv, D, Lp)
-            s_p = qg.view(U, Hkv, G * rep, D) @ self.kp[li].to(dt).transpose(-1, -2) + self.pbias
+            s_p = qg.view(U, Hkv, G * rep, D) @ kp.transpose(-1, -2) + self.pbias
             Lp = s_p.shape[-1]
             s = torch.cat([s_p.view(U, Hkv, G, rep, Lp), s_c + tail], dim=-1)
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(qg.dtype)
-            o = (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ self.vp[li].to(dt)).view(qg.shape)
+            o = (p[..., :Lp].reshape(U, Hkv, G * rep, Lp) @ vp).view(qg.shape)
             for j in range(nb):  # (U, Hkv, G, rep, D)
-                o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j].to(dt)
+                o = o + p[..., Lp + j * self.BLOCK : Lp + (j + 1) * self.BLOCK] @ vb[j]
             o = o.transpose(1, 2).reshape(S, 1, -1)  # (S, 1, H*D), heads in model order
             h = h + linear(attn.o_proj, o)
             h = h + mlp(layer.mlp, layer.post_attention_layernorm(h))
