@@ -214,6 +214,25 @@ INLINE vtile load_tile(const kv_t *p) {
     return widen_tile(x);
 }
 
+/* Cache lines to prefetch while computing on others: the range p .. end, then p2 .. end2.
+   Each step asks for one line; NULL (the trainer's, whose data is in cache) asks for none.
+   Spreading the requests over the arithmetic keeps memory and the FMA units busy together; a
+   burst of a whole range at once stalled on the core's few outstanding-miss slots. */
+struct ahead {
+    const char *p, *end, *p2, *end2;
+};
+INLINE void ahead_step(struct ahead *a) {
+    if (!a)
+        return;
+    if (a->p < a->end) {
+        __builtin_prefetch(a->p, 0, 1);
+        a->p += 64;
+    } else if (a->p2 < a->end2) {
+        __builtin_prefetch(a->p2, 0, 1);
+        a->p2 += 64;
+    }
+}
+
 /* out[l] = q . key l, for the 8 keys of one tile kt (D, 8): 8-wide multiply-adds, no
    horizontal sums. */
 INLINE void tile_scores(const float *restrict q, const kv_t *restrict kt, float *restrict out,
@@ -224,14 +243,15 @@ INLINE void tile_scores(const float *restrict q, const kv_t *restrict kt, float 
 }
 
 /* tile_scores of n consecutive tiles, 4 at a time (independent sums keep the FMA units busy
-   instead of waiting on one chain of D multiply-adds). */
+   instead of waiting on one chain of D multiply-adds); one prefetch step of pf per 4 columns. */
 INLINE void tiles_scores(const float *restrict q, const kv_t *restrict kt, float *restrict out,
-                         int64_t n, int64_t D) {
+                         int64_t n, int64_t D, struct ahead *pf) {
     int64_t b = 0;
     for (; b + 4 <= n; b += 4) {
         vtile a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         const kv_t *k0 = kt + b * D * TILE;
         for (int64_t d = 0; d < D; d++) {
+            ahead_step(pf);
             a0 += q[d] * load_tile(k0 + d * TILE);
             a1 += q[d] * load_tile(k0 + (D + d) * TILE);
             a2 += q[d] * load_tile(k0 + (2 * D + d) * TILE);
@@ -269,9 +289,10 @@ INLINE vtile load_tilen(const kv_t *p, int64_t m) {
 /* acc += sum_j p[j] v[j] over n rows v (n, D), four rows at a time into four partial sums
    (one chain of n dependent multiply-adds would wait on each). Half caches: TILE lanes of D
    at a time, widened as they are read (a head's rows stay in L1 for the next lanes); the same
-   sums in the same order as fp32's loop over all of D, which was faster for fp32. */
+   sums in the same order as fp32's loop over all of D, which was faster for fp32. One prefetch
+   step of pf per two rows. */
 INLINE void weighted_rows(const float *restrict p, const kv_t *restrict v, int64_t n,
-                           float *restrict acc, int64_t D) {
+                           float *restrict acc, int64_t D, struct ahead *pf) {
 #if KV_IS_HALF
     for (int64_t d = 0; d < D; d += TILE) {
         const int64_t m = D - d < TILE ? D - d : TILE;
@@ -279,6 +300,7 @@ INLINE void weighted_rows(const float *restrict p, const kv_t *restrict v, int64
         int64_t j = 0;
         for (; j + 4 <= n; j += 4) {
             const kv_t *v0 = v + j * D + d;
+            ahead_step(pf);
             a0 += p[j] * load_tilen(v0, m);
             a1 += p[j + 1] * load_tilen(v0 + D, m);
             a2 += p[j + 2] * load_tilen(v0 + 2 * D, m);
@@ -296,6 +318,8 @@ INLINE void weighted_rows(const float *restrict p, const kv_t *restrict v, int64
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const float *v0 = v + j * D;
+        ahead_step(pf);
+        ahead_step(pf);
 #pragma omp simd
         for (int64_t d = 0; d < D; d++) {
             a0[d] += p[j] * v0[d];
@@ -334,11 +358,6 @@ void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
     }
 }
 
-/* Prefetch n cached floats from p into the L2 cache, one request per 64-byte line. */
-INLINE void prefetch(const kv_t *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 64 / sizeof(kv_t)) __builtin_prefetch(p + i, 0, 2);
-}
-
 /* Bytes of one cached key or value float: 2 (half) or 4. */
 int64_t kv_bytes(void) { return sizeof(kv_t); }
 
@@ -351,7 +370,7 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
                       const kv_t *restrict kpg, const kv_t *restrict vpg, float *restrict o,
                       float *restrict q, float *restrict sc, int64_t g, int64_t H, int64_t Hkv,
                       int64_t D, int64_t Lp, int64_t p0, int64_t t, int64_t nmax,
-                      float scaling) {
+                      float scaling, struct ahead *pf) {
     const int64_t rep = H / Hkv, np = Lp - p0, n = np + t + 1;
     /* the new key, rotated, into column t (tile t / 8, lane t % 8); the new value into row t */
     float k[D];
@@ -376,14 +395,14 @@ INLINE void attn_head(const float *restrict row, const float *restrict c,
            completion tiles, whose lanes after t are never read. */
         const float *qr = q + r * D;
         float *sr = sc + r * (nmax + 2 * TILE) + TILE;
-        tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D);
-        tiles_scores(qr, kcg, sr + np, ctn, D);
+        tiles_scores(qr, kpg + pt0 * D * TILE, sr + pt0 * TILE - p0, ptn - pt0, D, pf);
+        tiles_scores(qr, kcg, sr + np, ctn, D, pf);
         float m;
         const float z = exp_shifted(sr, n, &m);
         float acc[D];
         memset(acc, 0, sizeof acc);
-        weighted_rows(sr, vpg + p0 * D, np, acc, D);
-        weighted_rows(sr + np, vcg, t + 1, acc, D);
+        weighted_rows(sr, vpg + p0 * D, np, acc, D, pf);
+        weighted_rows(sr + np, vcg, t + 1, acc, D, pf);
         const float inv = 1.0f / z;
         float *orr = o + r * D;
 #pragma omp simd
@@ -429,17 +448,17 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
             kv_t *kcg = kc + (cr[s] * Hkv + g) * kstride, *vcg = vc + (cr[s] * Hkv + g) * T * D;
             const kv_t *kpg = kp + (u * Hkv + g) * pkstride, *vpg = vp + (u * Hkv + g) * Lp * D;
             float *o = out + (s * H + g * rep) * D;
-            /* ask for this head's values (read after its scores) and the next head's keys now,
-               so that their memory latency overlaps this head's arithmetic */
-            prefetch(vcg, t * D);
-            if (g + 1 < Hkv)
-                prefetch(kcg + kstride, (t / TILE + 1) * TILE * D);
-            else if (s + 1 < S)
-                prefetch(kc + cr[s + 1] * Hkv * kstride, (t / TILE + 1) * TILE * D);
+            /* while this head computes, ask for its values (read after its scores), then for
+               the next head's keys, so that their memory latency overlaps the arithmetic */
+            const kv_t *nk = g + 1 < Hkv  ? kcg + kstride
+                             : s + 1 < S ? kc + cr[s + 1] * Hkv * kstride
+                                         : NULL;
+            struct ahead pf = {(const char *)vcg, (const char *)(vcg + t * D), (const char *)nk,
+                               nk ? (const char *)(nk + (t / TILE + 1) * TILE * D) : NULL};
             /* the model's head size is built in (D == HEAD_DIM: FusedLlama checks), so the
                loops unroll fully; no generic copy, which doubled the build's time */
             attn_head(row, c, sn, kcg, vcg, kpg, vpg, o, q, sc, g, H, Hkv, HEAD_DIM, Lp, p0, t,
-                      nmax, scaling);
+                      nmax, scaling, &pf);
         }
     }
 }
@@ -741,7 +760,7 @@ INLINE void sa_fwd_task(const float *restrict q, const float *restrict k, const 
             const float z = exp_shifted(sc, n, &mx);
             float acc[D];
             memset(acc, 0, sizeof acc);
-            weighted_rows(sc, vr, n, acc, D);
+            weighted_rows(sc, vr, n, acc, D, NULL);
             const float inv = 1.0f / z;
             float *orow = o + row * D;
 #pragma omp simd
@@ -823,7 +842,7 @@ INLINE void sa_bwd_segment(const float *restrict q, const float *restrict k, con
                 for (int64_t l = 0; l < n; l++) dsb[l] = pb[l] * (dsb[l] - delta) * scale;
                 float acc[D];
                 memset(acc, 0, sizeof acc);
-                weighted_rows(dsb, kr, n, acc, D);
+                weighted_rows(dsb, kr, n, acc, D, NULL);
                 rope_t(acc, cseg + j * D, sseg + j * D, dq + row * D, D);
             }
             /* the block's rank-1 updates gk[l] += ds[l] qr, gv[l] += p[l] go: each key's rows
