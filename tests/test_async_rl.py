@@ -364,7 +364,7 @@ def test_a_server_reference_gives_the_trainers_kl_anchor(tiny_model, tiny_tokeni
     # the new weights, yet its ref_logprobs are still the reference's, equal to what the
     # trainer's own reference forward gives (anchor), to float rounding.
     from ahamoment.rl.update import anchor
-    from ahamoment.server import state_sha
+    from ahamoment.server_protocol import state_sha
 
     G = 4
     problems, requests = _group_requests(tiny_tokenizer, 2, G)

@@ -199,7 +199,7 @@ def test_unsupported_model_decodes_eagerly(tiny_model, monkeypatch):
 def test_tiles_layout_by_hand():
     # keys (T=10, D=2): column j holds (j, -j); tile b, lane l is column 8b + l, transposed
     keys = torch.stack([torch.arange(10.0), -torch.arange(10.0)], dim=-1)
-    tiles = compiled._tiles(keys)
+    tiles = compiled._tiles(keys, 8)
     assert tiles.shape == (2, 2, 8)
     assert tiles[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     assert tiles[1, 1].tolist() == [-8, -9, 0, 0, 0, 0, 0, 0]  # missing columns are zero

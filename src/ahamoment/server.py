@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import hmac
 import json
 import logging
@@ -99,25 +98,12 @@ from ahamoment.logprobs import completion_logprobs
 from ahamoment.prompts import CHAT_TEMPLATE, stop_ids
 from ahamoment.rollout.base import SamplingParams
 from ahamoment.rollout.sampler import sample_stream
+from ahamoment.server_protocol import state_sha
 
 log = logging.getLogger("ahamoment.serve")
 
-API_KEY_ENV = "AHA_API_KEY"
-"""Environment variable of the bearer key clients send (`aha serve`, and a trainer's requests)."""
-WEIGHTS_KEY_ENV = "AHA_WEIGHTS_KEY"
-"""Environment variable of the bearer key a trainer sends to push weights."""
-
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = ("<answer>", "</answer>")
-
-
-def state_sha(model: torch.nn.Module) -> str:
-    """sha256 of a model's state dict as safetensors bytes (names, dtypes, shapes, values):
-    equal on two machines exactly when the weights are."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    return hashlib.sha256(save(state)).hexdigest()
 
 
 # --- text: stop strings and the reasoning split ---------------------------------------------

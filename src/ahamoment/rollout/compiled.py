@@ -60,6 +60,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -360,6 +361,9 @@ void silu_mul(const float *restrict gu, float *restrict a, int64_t S, int64_t I,
 
 /* Bytes of one cached key or value float: 2 (half) or 4. */
 int64_t kv_bytes(void) { return sizeof(kv_t); }
+
+/* Key columns per tile of the caches' key layout. */
+int64_t key_tile(void) { return TILE; }
 
 /* The head size attn_decode was built for (its D argument must equal it). */
 int64_t decode_head_dim(void) { return HEAD_DIM; }
@@ -954,6 +958,7 @@ _SIGNATURES = {
         "attn_decode_per_thread": [_I64] * 5,
         "kv_bytes": [],
         "decode_head_dim": [],
+        "key_tile": [],
     },
     "train": {
         "lora_grads": [_P] * 7 + [_I64] * 4 + [_F32, _I64],
@@ -1085,7 +1090,11 @@ def kernels(head_dim: int = 64, part: str = "decode", kv_half: bool = False) -> 
                 continue
             for name, args in _SIGNATURES[part].items():
                 getattr(lib, name).argtypes = args
-                wide = name.endswith("_per_thread") or name in ("kv_bytes", "decode_head_dim")
+                wide = name.endswith("_per_thread") or name in (
+                    "kv_bytes",
+                    "decode_head_dim",
+                    "key_tile",
+                )
                 getattr(lib, name).restype = _I64 if wide else None
             if "-fopenmp" in flags and _one_openmp_runtime():
                 _threaded.add(id(lib))
@@ -1108,17 +1117,38 @@ def trainer_kernels() -> ctypes.CDLL:
     return kernels(decoding[0], part="train") if decoding else kernels(part="train")
 
 
-_TILE = 8  # key columns per tile; TILE in the C source
-
-
-def _tiles(keys: torch.Tensor) -> torch.Tensor:
-    """Keys (..., T, D) as (..., ceil(T / 8), D, 8) tiles (the kernel's key layout), the last
-    tile's missing columns zero."""
+def _tiles(keys: torch.Tensor, tile: int) -> torch.Tensor:
+    """Keys (..., T, D) as (..., ceil(T / tile), D, tile) tiles (the kernel's key layout,
+    ``tile`` = its ``key_tile()``), the last tile's missing columns zero."""
     T, D = keys.shape[-2:]
-    pad = -T % _TILE
+    pad = -T % tile
     if pad:
         keys = torch.cat([keys, keys.new_zeros(*keys.shape[:-2], pad, D)], dim=-2)
-    return keys.unflatten(-2, (-1, _TILE)).transpose(-1, -2).contiguous()
+    return keys.unflatten(-2, (-1, tile)).transpose(-1, -2).contiguous()
+
+
+class _Product:
+    """y = x w^T + b, one of the decoding step's products: w (out, in) as nn.Linear's, b (out,)
+    or None. Where torch's own product runs (oneDNN off: Intel's MKL), w is also kept as
+    (in, out) and y is written by ``torch.mm`` into a buffer kept from call to call (so the
+    caller must use y before this product's next call), which ran faster than ``F.linear``'s
+    (out, in) product into a new tensor (performance.md); elsewhere ``linear`` (one of
+    ``onednn``'s) computes it."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.w, self.bias = w.contiguous(), bias
+        self.wt = None if onednn.ENABLED else w.t().contiguous()  # (in, out)
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, linear: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """x (R, in) -> y (R, out)."""
+        if self.wt is None:
+            return linear(x, self.w, self.bias)
+        if self.out is None or self.out.shape[0] != x.shape[0]:
+            self.out = x.new_empty(x.shape[0], self.wt.shape[1])
+        if self.bias is None:
+            return torch.mm(x, self.wt, out=self.out)
+        return torch.addmm(self.bias, x, self.wt, out=self.out)
 
 
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
@@ -1186,11 +1216,11 @@ class FusedLlama:
                     ln1_eps=float(layer.input_layernorm.variance_epsilon),
                     ln2=layer.post_attention_layernorm.weight.detach().contiguous(),
                     ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
-                    qkv=qkv.detach().contiguous(),  # ((H + 2 Hkv) D, C), as nn.Linear
-                    qkv_bias=None if bias is None else bias.detach(),
-                    o=a.o_proj.weight.detach().contiguous(),
-                    gu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().contiguous(),
-                    down=m.down_proj.weight.detach().contiguous(),
+                    # ((H + 2 Hkv) D, C), as nn.Linear
+                    qkv=_Product(qkv.detach(), None if bias is None else bias.detach()),
+                    o=_Product(a.o_proj.weight.detach()),
+                    gu=_Product(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()),
+                    down=_Product(m.down_proj.weight.detach()),
                 )
             )
         self.norm = inner.norm.weight.detach().contiguous()
@@ -1198,14 +1228,7 @@ class FusedLlama:
         self.lm_head = model.lm_head.weight.detach().contiguous()  # (V, C)
         bias = getattr(model.lm_head, "bias", None)
         self.lm_head_bias = None if bias is None else bias.detach()  # (V,)
-        # Where torch's own product runs (oneDNN off: Intel's MKL), each weight is also kept
-        # as (in, out) and each product written into a buffer kept from step to step, which
-        # ran faster than F.linear's (out, in) product into a new tensor (performance.md).
-        self._wt: dict[int, torch.Tensor] = {}
-        if not onednn.ENABLED:
-            ws = [w[k] for w in self.layers for k in ("qkv", "o", "gu", "down")]
-            self._wt = {id(w): w.t().contiguous() for w in [*ws, self.lm_head]}
-        self._out: dict[int, torch.Tensor] = {}
+        self.head = _Product(self.lm_head, self.lm_head_bias)
         self.I = inner.layers[0].mlp.gate_proj.out_features
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # (1, P, D), HF's own
@@ -1214,13 +1237,14 @@ class FusedLlama:
         self.S = 0
         # the caches' element type, as the kernels were built (kv_bytes: 2 half, 4 fp32)
         self.kv_dtype = torch.float16 if lib.kv_bytes() == 2 else torch.float32
+        self.tile = lib.key_tile()  # key columns per tile of the caches' layout
 
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids, pos, valid: (U, Lp) left-padded prompts; returns last-position logits (U, V)."""
         h, keys, values = decoder.prefill(self.model, ids, pos, valid, self.kv_dtype)
         self.Lp = ids.shape[1]
         kv = self.kv_dtype  # the prefill rounded them to it already: exact conversions
-        self.kp = _tiles(torch.stack(keys)).to(kv)  # (L, U, Hkv, ceil(Lp / 8), D, 8)
+        self.kp = _tiles(torch.stack(keys), self.tile).to(kv)  # (L, U, Hkv, Lp / 8 up, D, 8)
         self.vp = torch.stack(values).to(kv).contiguous()  # (L, U, Hkv, Lp, D)
         # left padding: a prompt's valid columns are a suffix, from its first valid column on
         self.pstart = (valid.shape[1] - valid.sum(-1)).to(torch.int64).contiguous()  # (U,)
@@ -1241,8 +1265,10 @@ class FusedLlama:
         L, B, Hkv, D = len(self.layers), len(rp), self.Hkv, self.D
         # never zero-filled: the kernel reads only columns it wrote (a key tile is zeroed
         # when its first column is written), so memory is touched only as rows decode
-        tiles = -(-self.T // _TILE)
-        self.k = torch.empty((L, B, Hkv, tiles, D, _TILE), dtype=self.kv_dtype, device=rp.device)
+        tiles = -(-self.T // self.tile)
+        self.k = torch.empty(
+            (L, B, Hkv, tiles, D, self.tile), dtype=self.kv_dtype, device=rp.device
+        )
         self.v = torch.empty((L, B, Hkv, self.T, D), dtype=self.kv_dtype, device=rp.device)
         self._allocate(rp, torch.arange(B, device=rp.device))
         return torch.arange(self.S, device=row_prompt.device)
@@ -1271,19 +1297,6 @@ class FusedLlama:
         # every call; otherwise onednn.linear decides (blocks, or torch's own product)
         direct = onednn.applies(self.x, self.lm_head) and R <= onednn.BLOCK
         self.linear = onednn.product if direct else onednn.linear
-        if self._wt:
-            self.linear, self._out = self._product, {}
-
-    def _product(
-        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (R, in) times the weight w (out, in), transposed, plus bias: torch's product
-        into w's buffer for this size, overwritten by w's next product."""
-        out = self._out.get(id(w))
-        if out is None:
-            out = self._out[id(w)] = x.new_empty(x.shape[0], w.shape[0])
-        wt = self._wt[id(w)]
-        return torch.mm(x, wt, out=out) if bias is None else torch.addmm(bias, x, wt, out=out)
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
@@ -1313,7 +1326,7 @@ class FusedLlama:
         Lp = self.Lp
         for li, w in enumerate(self.layers):
             lib.rmsnorm(h.data_ptr(), w["ln1"].data_ptr(), x.data_ptr(), S, C, w["ln1_eps"])
-            qkv = linear(x, w["qkv"], w["qkv_bias"])  # (R, (H + 2 Hkv) D), rows S.. unread
+            qkv = w["qkv"](x, linear)  # (R, (H + 2 Hkv) D), rows S.. unread
             lib.attn_decode(
                 qkv.data_ptr(),
                 self.cos.data_ptr(),
@@ -1339,13 +1352,13 @@ class FusedLlama:
                 self.t,
                 self.scaling,
             )
-            h.add_(linear(o, w["o"])[:S])
+            h.add_(w["o"](o, linear)[:S])
             lib.rmsnorm(h.data_ptr(), w["ln2"].data_ptr(), x.data_ptr(), S, C, w["ln2_eps"])
-            gu = linear(x, w["gu"])  # (S, 2 I)
+            gu = w["gu"](x, linear)  # (S, 2 I)
             lib.silu_mul(gu.data_ptr(), a.data_ptr(), S, self.I, self.threads)
-            h.add_(linear(a, w["down"])[:S])
+            h.add_(w["down"](a, linear)[:S])
         lib.rmsnorm(h.data_ptr(), self.norm.data_ptr(), x.data_ptr(), S, C, self.eps)
-        self.logits = self.linear(x, self.lm_head, self.lm_head_bias)[:S]  # (S, V)
+        self.logits = self.head(x, linear)[:S]  # (S, V)
         V = self.logits.shape[1]
         scale, greedy, uniform = scale.contiguous(), greedy.contiguous(), uniform.contiguous()
         lib.sample_rows(

@@ -21,7 +21,7 @@ and one that answers gets the current weights *before* it serves again. With no 
 ``wait_s`` seconds the engine raises. ``take_stats()`` returns and resets the counts (groups
 sent again, pushes, servers up) for the trainer's metrics.
 
-**Reference log-probs.** Given ``reference_sha`` (``server.state_sha`` of the trainer's KL
+**Reference log-probs.** Given ``reference_sha`` (``server_protocol.state_sha`` of the trainer's KL
 reference), the engine asks each server whose own reference has that hash (``aha serve
 --reference``) for ``ref_logprobs`` too, so the trainer skips its reference forward; other
 servers are asked for none, and a batch with any row lacking them is anchored by the trainer.

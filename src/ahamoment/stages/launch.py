@@ -35,7 +35,7 @@ from rich.console import Console
 
 from ahamoment.base_models import ensure_base_model
 from ahamoment.runs import raise_interrupt
-from ahamoment.server import WEIGHTS_KEY_ENV
+from ahamoment.server_protocol import WEIGHTS_KEY_ENV
 
 
 @dataclass

@@ -24,7 +24,8 @@ from rich.console import Console
 
 from ahamoment.base_models import ensure_base_model
 from ahamoment.models import load_model, load_tokenizer, set_threads
-from ahamoment.server import API_KEY_ENV, WEIGHTS_KEY_ENV, Service, make_app
+from ahamoment.server import Service, make_app
+from ahamoment.server_protocol import API_KEY_ENV, WEIGHTS_KEY_ENV
 
 DEFAULT_NAME = "ahamoment-default"
 

@@ -74,6 +74,7 @@ from ahamoment.rollout.base import engine_stats
 from ahamoment.rollout.server_engine import WEIGHT_SYNCS
 from ahamoment.runs import interruptible
 from ahamoment.schedules import warmup_linear_decay
+from ahamoment.server_protocol import API_KEY_ENV, WEIGHTS_KEY_ENV, state_sha
 from ahamoment.splits import excluded
 
 
@@ -275,8 +276,6 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
         (``reference_sha``: servers holding that reference compute the KL anchor)."""
         if not self.rollout_server:
             return self.engine, {} if self.kv_cache == "model" else {"kv_cache": self.kv_cache}
-        from ahamoment.server import API_KEY_ENV, WEIGHTS_KEY_ENV  # FastAPI: only with servers
-
         return "server", {
             "urls": [u.strip() for u in self.rollout_server.split(",") if u.strip()],
             "weights_key": self.weights_key or os.environ.get(WEIGHTS_KEY_ENV, ""),
@@ -373,9 +372,6 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
     ref_model = _reference(cfg, tr, accelerator.device)
     # a fixed reference can be computed by rollout servers that hold the same weights
     fixed_ref = ref_model is not None and not cfg.ref_refresh and cfg.rollout_server
-    if fixed_ref:
-        from ahamoment.server import state_sha  # FastAPI: only with rollout servers
-
     engine_name, engine_options = cfg.rollout_engine(state_sha(ref_model) if fixed_ref else None)
     rollout_model = lora.sampling_model(model)
     if lora.is_lora(model) and getattr(ENGINES.get(engine_name), "decodes_module", False):
