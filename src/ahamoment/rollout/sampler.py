@@ -434,22 +434,24 @@ def _decode(
         runner.select(row_prompt)
         slot, n_cache = torch.arange(B, device=device), B
     next_pos = positions[row_prompt, -1] + 1  # (B,)
-    count = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
+    # Each live row's state, aligned with ``live`` and filtered with it when rows finish (so
+    # a step with no finished row indexes nothing): tokens emitted, then its settings.
+    count = torch.zeros(B, dtype=torch.long, device=device)
+    on = _LiveRows(stop_mat, max_new, greedy, scale, top_p, top_k)
     emitted: list[list[int]] = [[] for _ in range(B)]  # kept only for stop strings
     picked: tuple[torch.Tensor, torch.Tensor] | None = None  # (tok, tok_lp) of a fused step
     while True:
         if picked is not None:
             tok, tok_lp = picked
         else:
-            g = greedy[live]
-            scaled = logits.float() / scale[live, None]
+            scaled = logits.float() / on.scale[:, None]
             logp = torch.log_softmax(scaled, dim=-1)
-            if bool(g.all()):
+            if on.all_greedy:
                 tok = logp.argmax(-1)
             else:
-                tok = _draw(_filter_logits(scaled, top_p[live], top_k[live]), generator)
-                if bool(g.any()):
-                    tok = torch.where(g, logp.argmax(-1), tok)
+                tok = _draw(_filter_logits(scaled, on.top_p, on.top_k), generator)
+                if on.any_greedy:
+                    tok = torch.where(on.greedy, logp.argmax(-1), tok)
             if any_budget:  # budget forcing may replace the drawn token
                 tok = torch.tensor(
                     [
@@ -460,27 +462,32 @@ def _decode(
                     device=tok.device,
                 )
             tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        count[live] += 1
-        hit_stop = (tok[:, None] == stop_mat[live]).any(-1)
+        count += 1
+        hit_stop = (tok[:, None] == on.stop).any(-1)
         if any_stop_str:
             for j, (b, t) in enumerate(zip(live.tolist(), tok.tolist())):
                 if row_stops[b]:
                     emitted[b].append(t)
                     if row_stops[b].hit(emitted[b]):
                         hit_stop[j] = True
-        at_len = count[live] >= max_new[live]
+        at_len = count >= on.max_new
         done = hit_stop | at_len
         ends = None
-        if bool(done.any()):
+        finished = bool(done.any())
+        if finished:
             ends = [
                 ("stop" if s else "length") if d else None
                 for s, d in zip(hit_stop.tolist(), done.tolist())
             ]
         yield [rows[b] for b in live.tolist()], tok.tolist(), tok_lp.tolist(), ends
-        keep = ~done
-        if not bool(keep.any()):
-            break
-        live, tok, next_pos, slot = live[keep], tok[keep], next_pos[keep], slot[keep]
+        if finished:
+            keep = (~done).nonzero()[:, 0]  # (n_live,) positions of the rows that go on
+            if len(keep) == 0:
+                break
+            live, tok, next_pos, slot, count = (
+                t.index_select(0, keep) for t in (live, tok, next_pos, slot, count)
+            )
+            on = on.select(keep)
         # Compact the cache once a quarter of its rows are finished, so copies stay O(cache);
         # until then finished rows ride along as padding and their outputs are dropped.
         if isinstance(runner, (_LlamaLike, compiled.FusedLlama)):
@@ -488,15 +495,20 @@ def _decode(
                 new_slot = runner.retire(slot)
                 if new_slot is not None:
                     slot, n_cache = new_slot, runner.size
-            # finished rows and gaps in the cache decode a pad token; their outputs are dropped
-            ids = torch.full((n_cache,), pad_id, dtype=torch.long, device=device)
-            pos = torch.zeros((n_cache,), dtype=torch.long, device=device)
-            ids[slot], pos[slot] = tok, next_pos
+            # finished rows and gaps in the cache decode a pad token; their outputs are dropped.
+            # With no gap, slot is 0 .. n_cache-1 (slots only ever keep their order).
+            gaps = len(live) < n_cache
+            ids, pos = tok, next_pos
+            if gaps:
+                ids = torch.full((n_cache,), pad_id, dtype=torch.long, device=device)
+                pos = torch.zeros((n_cache,), dtype=torch.long, device=device)
+                ids[slot], pos[slot] = tok, next_pos
             if isinstance(runner, _LlamaLike):
-                logits = runner.step(ids, pos)[slot]
+                logits = runner.step(ids, pos)
+                logits = logits[slot] if gaps else logits
             else:
                 picked, logits = _fused_step(
-                    runner, ids, pos, slot, live, greedy, scale, fused_pick, generator
+                    runner, ids, pos, slot, on, gaps, fused_pick, generator
                 )
         else:
             if len(live) < n_cache:
@@ -510,31 +522,54 @@ def _decode(
         next_pos = next_pos + 1
 
 
+class _LiveRows:
+    """The live rows' settings, each (n_live, ...) in the order of ``_decode``'s ``live``:
+    stop ids (n_live, S), token budgets, greedy flags, temperatures (1 where greedy), top-p and
+    top-k; ``select`` keeps the rows at some positions."""
+
+    def __init__(self, stop, max_new, greedy, scale, top_p, top_k) -> None:
+        self.stop, self.max_new, self.greedy = stop, max_new, greedy
+        self.scale, self.top_p, self.top_k = scale, top_p, top_k
+        self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
+        self.greedy_u8 = greedy.to(torch.uint8)
+
+    def select(self, keep: torch.Tensor) -> _LiveRows:
+        s = (self.stop, self.max_new, self.greedy, self.scale, self.top_p, self.top_k)
+        return _LiveRows(*(t.index_select(0, keep) for t in s))
+
+
 def _fused_step(
     runner: compiled.FusedLlama,
     ids: torch.Tensor,
     pos: torch.Tensor,
     slot: torch.Tensor,
-    live: torch.Tensor,
-    greedy: torch.Tensor,
-    scale: torch.Tensor,
+    on: _LiveRows,
+    gaps: bool,
     pick: bool,
     generator: torch.Generator | None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """One fused step over the cache slots. With ``pick``, it also chooses the live rows'
-    tokens from the uniforms ``_draw`` would draw, one per live row in order: returns
-    ((tok, tok_lp), None) for the live rows; otherwise (None, logits)."""
-    S, device = len(ids), ids.device
+    """One fused step over the cache slots; the live rows are at ``slot`` (every slot when
+    not ``gaps``). With ``pick``, it also chooses the live rows' tokens from the uniforms
+    ``_draw`` would draw, one per live row in order: returns ((tok, tok_lp), None) for the
+    live rows; otherwise (None, logits)."""
+    S, n, device = len(ids), len(slot), ids.device
+    if pick and not gaps:  # every slot live: the rows' own settings, in slot order
+        row_scale, row_greedy = on.scale, on.greedy_u8
+        if on.all_greedy:
+            uniform = torch.zeros(S, dtype=torch.float32, device=device)
+        else:  # (n_live, 1), as ``_draw`` draws them
+            uniform = torch.rand((n, 1), generator=generator, device=device)[:, 0]
+        logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
+        return (tok, tok_lp), None
     # finished rows and gaps decode greedily; their outputs are dropped
     row_scale = torch.ones(S, dtype=torch.float32, device=device)
     row_greedy = torch.ones(S, dtype=torch.uint8, device=device)
     uniform = torch.zeros(S, dtype=torch.float32, device=device)
     if pick:
-        g = greedy[live]
-        row_scale[slot] = scale[live].float()
-        row_greedy[slot] = g.to(torch.uint8)
-        if not bool(g.all()):  # (n_live, 1), as ``_draw`` draws them
-            u = torch.rand((len(live), 1), generator=generator, device=device)
+        row_scale[slot] = on.scale
+        row_greedy[slot] = on.greedy_u8
+        if not on.all_greedy:  # (n_live, 1), as ``_draw`` draws them
+            u = torch.rand((n, 1), generator=generator, device=device)
             uniform[slot] = u[:, 0]
     logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
     if pick:  # the logits are not read again
