@@ -10,9 +10,9 @@ caches; SiLU(gate) * up; and the sampler's choice
 (log-softmax, then argmax or the same inverse-CDF draw as ``sampler._draw``, fed the same
 uniforms). A layer is 8 calls; attention reads each cached key and value once.
 
-What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, at
-the memory bandwidth that streaming every row's completion cache needs, so the step cannot get
-much faster in fp32 (docs/results/performance.md). ``kv_cache="float16"`` (a build of its own,
+What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, which
+reads every row's completion cache once a step; it asks for the next head's cache lines a few
+at a time while it computes, so that memory and arithmetic overlap (docs/results/performance.md). ``kv_cache="float16"`` (a build of its own,
 ``KV_HALF``) caches keys and values as half floats, rounded once and widened as they are read: half
 the bytes for attention to stream; fp32 stays the default.
 
