@@ -311,3 +311,20 @@ def test_trainer_kernels_follow_the_decoding_head_size(monkeypatch):
     lib = compiled.trainer_kernels()
     assert set(compiled._libs) == {("decode", 32, False), ("train", 32, False)}
     assert compiled.kernels(32, "train") is lib
+
+
+def test_fused_step_under_a_float64_default_dtype(gqa_model):
+    # the rows' temperatures are built in torch's default dtype, the fused kernel reads fp32
+    # temperatures and uniforms: a float64 default gives the same rows as the float32 one
+    prompts = _prompts(6, gqa_model.config.vocab_size, seed=12)
+    params = [
+        SamplingParams(temperature=0.0 if i % 3 else 0.8, max_new_tokens=10 + i) for i in range(6)
+    ]
+    want = sample(gqa_model, prompts, params, torch.Generator().manual_seed(3), compile=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = sample(gqa_model, prompts, params, torch.Generator().manual_seed(3), compile=True)
+    finally:
+        torch.set_default_dtype(default)
+    _assert_same(want, got)  # the first token's log-prob is the eager step's, in float64

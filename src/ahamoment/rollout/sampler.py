@@ -531,7 +531,8 @@ class _LiveRows:
         self.stop, self.max_new, self.greedy = stop, max_new, greedy
         self.scale, self.top_p, self.top_k = scale, top_p, top_k
         self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
-        self.greedy_u8 = greedy.to(torch.uint8)
+        # as the fused step's kernel takes them (whatever torch's default dtype)
+        self.greedy_u8, self.scale_f32 = greedy.to(torch.uint8), scale.float()
 
     def select(self, keep: torch.Tensor) -> _LiveRows:
         s = (self.stop, self.max_new, self.greedy, self.scale, self.top_p, self.top_k)
@@ -552,13 +553,13 @@ def _fused_step(
     not ``gaps``). With ``pick``, it also chooses the live rows' tokens from the uniforms
     ``_draw`` would draw, one per live row in order: returns ((tok, tok_lp), None) for the
     live rows; otherwise (None, logits)."""
-    S, n, device = len(ids), len(slot), ids.device
+    S, n, device, f32 = len(ids), len(slot), ids.device, torch.float32
     if pick and not gaps:  # every slot live: the rows' own settings, in slot order
-        row_scale, row_greedy = on.scale, on.greedy_u8
+        row_scale, row_greedy = on.scale_f32, on.greedy_u8
         if on.all_greedy:
             uniform = torch.zeros(S, dtype=torch.float32, device=device)
-        else:  # (n_live, 1), as ``_draw`` draws them
-            uniform = torch.rand((n, 1), generator=generator, device=device)[:, 0]
+        else:  # (n_live, 1), as ``_draw`` draws them for fp32 logits
+            uniform = torch.rand((n, 1), generator=generator, device=device, dtype=f32)[:, 0]
         logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
         return (tok, tok_lp), None
     # finished rows and gaps decode greedily; their outputs are dropped
@@ -566,10 +567,10 @@ def _fused_step(
     row_greedy = torch.ones(S, dtype=torch.uint8, device=device)
     uniform = torch.zeros(S, dtype=torch.float32, device=device)
     if pick:
-        row_scale[slot] = on.scale
+        row_scale[slot] = on.scale_f32
         row_greedy[slot] = on.greedy_u8
-        if not on.all_greedy:  # (n_live, 1), as ``_draw`` draws them
-            u = torch.rand((n, 1), generator=generator, device=device)
+        if not on.all_greedy:  # (n_live, 1), as ``_draw`` draws them for fp32 logits
+            u = torch.rand((n, 1), generator=generator, device=device, dtype=f32)
             uniform[slot] = u[:, 0]
     logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
     if pick:  # the logits are not read again
