@@ -12,9 +12,10 @@ uniforms). A layer is 8 calls; attention reads each cached key and value once.
 
 What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, which
 reads every row's completion cache once a step; it asks for the next head's cache lines a few
-at a time while it computes, so that memory and arithmetic overlap (docs/results/performance.md). ``kv_cache="float16"`` (a build of its own,
-``KV_HALF``) caches keys and values as half floats, rounded once and widened as they are read: half
-the bytes for attention to stream; fp32 stays the default.
+at a time while it computes, so that memory and arithmetic overlap
+(docs/results/performance.md). ``kv_cache="float16"`` (a build of its own, ``KV_HALF``) caches
+keys and values as half floats, rounded once and widened as they are read: half the bytes for
+attention to stream; fp32 stays the default.
 
 The kernels are plain C, built per machine and head size with the system C compiler (``$CC``,
 else gcc or cc) into the ahamoment cache (``kernels/``), keyed by the source, the compiler and
@@ -975,6 +976,7 @@ _SIGNATURES = {
 # torch's threads), without it, then portable code. -fno-trapping-math lets the compiler
 # if-convert the clamps in exp_v (torch itself is built with it); no flag changes results, only
 # which instructions and threads compute them.
+_I64_RESULTS = ("kv_bytes", "decode_head_dim", "key_tile")  # besides the *_per_thread sizes
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 # -ffp-contract=fast: a * b + c as one fused multiply-add (rounded once), which -std=c11 leaves
 # off; the trainer's attention kernels ran about 20% faster with it (docs/results/performance.md)
@@ -1090,11 +1092,7 @@ def kernels(head_dim: int = 64, part: str = "decode", kv_half: bool = False) -> 
                 continue
             for name, args in _SIGNATURES[part].items():
                 getattr(lib, name).argtypes = args
-                wide = name.endswith("_per_thread") or name in (
-                    "kv_bytes",
-                    "decode_head_dim",
-                    "key_tile",
-                )
+                wide = name.endswith("_per_thread") or name in _I64_RESULTS
                 getattr(lib, name).restype = _I64 if wide else None
             if "-fopenmp" in flags and _one_openmp_runtime():
                 _threaded.add(id(lib))

@@ -554,28 +554,25 @@ def _fused_step(
     ``_draw`` would draw, one per live row in order: returns ((tok, tok_lp), None) for the
     live rows; otherwise (None, logits)."""
     S, n, device, f32 = len(ids), len(slot), ids.device, torch.float32
+    u = None  # (n_live,) uniforms, drawn (n_live, 1) as ``_draw`` draws them for fp32 logits
+    if pick and not on.all_greedy:
+        u = torch.rand((n, 1), generator=generator, device=device, dtype=f32)[:, 0]
     if pick and not gaps:  # every slot live: the rows' own settings, in slot order
         row_scale, row_greedy = on.scale_f32, on.greedy_u8
-        if on.all_greedy:
-            uniform = torch.zeros(S, dtype=torch.float32, device=device)
-        else:  # (n_live, 1), as ``_draw`` draws them for fp32 logits
-            uniform = torch.rand((n, 1), generator=generator, device=device, dtype=f32)[:, 0]
-        logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
-        return (tok, tok_lp), None
-    # finished rows and gaps decode greedily; their outputs are dropped
-    row_scale = torch.ones(S, dtype=torch.float32, device=device)
-    row_greedy = torch.ones(S, dtype=torch.uint8, device=device)
-    uniform = torch.zeros(S, dtype=torch.float32, device=device)
-    if pick:
-        row_scale[slot] = on.scale_f32
-        row_greedy[slot] = on.greedy_u8
-        if not on.all_greedy:  # (n_live, 1), as ``_draw`` draws them for fp32 logits
-            u = torch.rand((n, 1), generator=generator, device=device, dtype=f32)
-            uniform[slot] = u[:, 0]
+        uniform = u if u is not None else torch.zeros(S, dtype=f32, device=device)
+    else:  # finished rows and gaps decode greedily; their outputs are dropped
+        row_scale = torch.ones(S, dtype=f32, device=device)
+        row_greedy = torch.ones(S, dtype=torch.uint8, device=device)
+        uniform = torch.zeros(S, dtype=f32, device=device)
+        if pick:
+            row_scale[slot], row_greedy[slot] = on.scale_f32, on.greedy_u8
+            if u is not None:
+                uniform[slot] = u
     logits, tok, tok_lp = runner.step(ids, pos, row_scale, row_greedy, uniform)
-    if pick:  # the logits are not read again
-        return (tok[slot], tok_lp[slot]), None
-    return None, logits[slot]
+    if not pick:  # a copy: the step's logits buffer is overwritten by the next step
+        return None, logits[slot]
+    # the logits are not read again
+    return ((tok[slot], tok_lp[slot]) if gaps else (tok, tok_lp)), None
 
 
 def sample(
