@@ -321,6 +321,42 @@ def test_rows_split_over_threads_equal_one_thread(gqa_model, monkeypatch):
     assert len({len(c.ids) for c in one}) > 2
 
 
+def test_a_reused_cache_buffer_gives_the_rows_of_a_fresh_one(gqa_model, monkeypatch):
+    # a finished decode's cache buffers go back to SPARE; the next decode takes them with their
+    # old contents, here NaN everywhere: the kernel reads only what it wrote, so the rows are
+    # bit for bit those decoded into fresh buffers
+    spare = compiled.SpareCaches()
+    monkeypatch.setattr(compiled, "SPARE", spare)
+    prompts = [p for p in _prompts(5, gqa_model.config.vocab_size, seed=21) for _ in range(3)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, stop_ids=(9,))
+
+    def run():
+        out = sample(gqa_model, prompts, params, torch.Generator().manual_seed(4), compile=True)
+        return [(c.ids, c.logprobs, c.finish_reason) for c in out]
+
+    fresh = run()
+    kept = list(spare._free)
+    assert len(kept) == 2  # the keys' and the values' buffers, back once the decode ended
+    for b in kept:
+        b.fill_(float("nan"))
+    assert run() == fresh
+    assert len(spare._free) == 2 and all(any(b is k for k in spare._free) for b in kept)
+
+
+def test_spare_caches_take_the_smallest_fit_and_keep_within_the_limit():
+    spare = compiled.SpareCaches(limit=1000 * 4)
+    a, b = torch.empty(300), torch.empty(600)
+    spare.give(a, b)
+    assert spare.take(250, torch.float32, a.device) is a  # the smallest that fits
+    assert spare.take(250, torch.float16, a.device).numel() == 250  # no fp16 kept: a new one
+    assert spare.take(700, torch.float32, a.device) is not b  # too small: a new one
+    c = torch.empty(500)
+    spare.give(c)  # c (500) first, then b (600) would pass 1000 floats: b goes
+    assert [x is c for x in spare._free] == [True]
+    spare.give(torch.empty(2000))  # larger than the limit: not kept, c stays
+    assert [x is c for x in spare._free] == [True]
+
+
 def test_trainer_kernels_follow_the_decoding_head_size(monkeypatch):
     # a rollout's prefill runs the trainer's norms before any training step: they come from
     # the trainer's library for the decoding library's head size, so it is built once

@@ -54,13 +54,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,7 +73,7 @@ from transformers import PreTrainedModel
 from ahamoment import decoder, onednn
 from ahamoment.models import cache_dir
 
-__all__ = ["FusedLlama", "fused_runner", "kernels", "lora_grads", "trainer_kernels"]
+__all__ = ["SPARE", "FusedLlama", "fused_runner", "kernels", "lora_grads", "trainer_kernels"]
 
 _C_HEADER = r"""
 /* Shared by the decoding step's kernels and the trainer's: fp32, CPU, contiguous tensors.
@@ -1002,6 +1005,7 @@ _FLAG_SETS = ([*_OPT, "-march=native", "-fopenmp"], [*_OPT, "-march=native"], _O
 # -ffp-contract=fast: a * b + c as one fused multiply-add (rounded once), which -std=c11 leaves
 # off; the trainer's attention kernels ran about 20% faster with it (docs/results/performance.md)
 _COMMON = [
+    "-pipe",  # the compiler's stages through pipes, not temporary files
     "-std=c11",
     "-ffp-contract=fast",
     "-fPIC",
@@ -1221,6 +1225,54 @@ def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
     return None
 
 
+class SpareCaches:
+    """Completion caches of finished decodes, kept for the next decode to reuse.
+
+    A fresh cache is tens of MB (a 128-row rollout of the embedded model: 2 x 34 MB), which
+    the allocator takes from the OS anew every decode; each page is then faulted in and zeroed
+    by the kernel when decoding first writes it, about 5% of such a rollout's time. A kept
+    buffer's pages are already there. Its old contents are harmless: the fused step reads only
+    cache columns it wrote this decode (and zeroes a key tile when it writes its first column).
+    Thread-safe; keeps at most ``limit`` bytes, the most recently returned buffers first."""
+
+    def __init__(self, limit: int = 256 << 20) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []  # 1-d buffers, most recently returned first
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-d buffer of at least ``numel`` elements: the smallest kept one that fits,
+        else a new one. Its contents are arbitrary."""
+        with self._lock:
+            fits = [
+                i
+                for i, b in enumerate(self._free)
+                if b.dtype == dtype and b.device == device and b.numel() >= numel
+            ]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, *bufs: torch.Tensor) -> None:
+        """Keep ``bufs`` for later decodes, within ``limit`` bytes (older ones go first)."""
+        with self._lock:
+            kept, total = [], 0
+            for b in [*bufs, *self._free]:
+                size = b.numel() * b.element_size()
+                if total + size <= self.limit:
+                    kept.append(b)
+                    total += size
+            self._free = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free = []
+
+
+SPARE = SpareCaches()
+"""The fused runners' spare completion caches (``FusedLlama.start`` takes from it)."""
+
+
 class FusedLlama:
     """The fused decoding runner: ``prefill``, then ``start``, then ``step`` / ``retire``.
 
@@ -1300,12 +1352,13 @@ class FusedLlama:
         rp = row_prompt.to(torch.int64).contiguous()
         L, B, Hkv, D = len(self.layers), len(rp), self.Hkv, self.D
         # never zero-filled: the kernel reads only columns it wrote (a key tile is zeroed
-        # when its first column is written), so memory is touched only as rows decode
+        # when its first column is written), so memory is touched only as rows decode, and a
+        # finished decode's buffers can be reused as they are (SPARE)
         tiles = -(-self.T // self.tile)
-        self.k = torch.empty(
-            (L, B, Hkv, tiles, D, self.tile), dtype=self.kv_dtype, device=rp.device
-        )
-        self.v = torch.empty((L, B, Hkv, self.T, D), dtype=self.kv_dtype, device=rp.device)
+        shapes = (L, B, Hkv, tiles, D, self.tile), (L, B, Hkv, self.T, D)
+        bufs = [SPARE.take(math.prod(s), self.kv_dtype, rp.device) for s in shapes]
+        self.k, self.v = (b[: math.prod(s)].view(s) for b, s in zip(bufs, shapes))
+        weakref.finalize(self, SPARE.give, *bufs)  # back when this runner is gone
         self._allocate(rp, torch.arange(B, device=rp.device))
         return torch.arange(self.S, device=row_prompt.device)
 
