@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, sized for 15 minutes of one H100/H200: the rollout bench on
 # CUDA in bf16 (a Qwen2-0.5B-shaped model from its config), then 20 steps of `aha zero` on the
-# embedded model with --device auto --bf16. Run from the repository root on the GPU machine;
+# embedded model with --device auto --bf16, then 12 more with --compile-train (the trainer's
+# layers under torch.compile) against those. Run from the repository root on the GPU machine;
 # it writes its logs to ${OUT:-runs/gpu}. Prepared, not yet run: no GPU was lent so far.
 set -euo pipefail
 out=${OUT:-runs/gpu}
@@ -15,10 +16,18 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=src
 fi
-timeout 420 python3 bench/gpu_rollout.py --repeats 3 --hf-static 2>&1 | tee "$out/gpu_rollout.txt"
-timeout 360 python3 -m ahamoment.cli zero --device auto --bf16 --steps 20 --heldout-n 100 \
+timeout 360 python3 bench/gpu_rollout.py --repeats 3 --hf-static 2>&1 | tee "$out/gpu_rollout.txt"
+timeout 300 python3 -m ahamoment.cli zero --device auto --bf16 --steps 20 --heldout-n 100 \
   --eval-every 0 --no-real-eval --out "$out/zero" 2>&1 | tee "$out/zero.txt"
-grep -h "step_s" "$out/zero/metrics.jsonl" | python3 -c "
-import json, sys, statistics
-rows = [json.loads(l) for l in sys.stdin]
-print('zero_gpu_step_s=%.3f' % statistics.median(r['step_s'] for r in rows[2:]))"
+timeout 200 python3 -m ahamoment.cli zero --device auto --bf16 --steps 12 --heldout-n 100 \
+  --eval-every 0 --no-real-eval --compile-train --out "$out/zero_compiled" 2>&1 | tee "$out/zero_compiled.txt"
+python3 - "$out" <<'PY'
+import json, statistics, sys
+def step_s(run):  # median step time after two warm-up steps (the compile lands in the first)
+    rows = [json.loads(l) for l in open(f"{sys.argv[1]}/{run}/metrics.jsonl") if '"step_s"' in l]
+    return statistics.median(r["step_s"] for r in rows[2:])
+eager, compiled = step_s("zero"), step_s("zero_compiled")
+print(f"zero_gpu_step_s={eager:.3f}")
+print(f"zero_gpu_compiled_step_s={compiled:.3f}")
+print(f"compile_train_speedup={eager / compiled:.2f}")
+PY

@@ -13,7 +13,11 @@ instead, the model's own padded forward (prompt + completion per row, right-padd
 multiple of 64 tokens so that lengths share a few shapes; log-softmax and gather of the
 completion tokens; peft's LoRA layers) under ``torch.compile`` (inductor's CPU backend,
 static shapes, an empty cache), against our packed path; the compile time, in the first call,
-is printed apart and left out of the timings, as the warm-up call is.
+is printed apart and left out of the timings, as the warm-up call is. ``--compare layers``:
+our packed path with each layer's norms, projections and MLP under ``torch.compile``
+(``logprobs.compile_layers``, ``--compile-train``) against the same path as it runs by default;
+``--compare layers_plain``: the same two with none of our C kernels on either side, as on a
+GPU. The compile lands in the first calls, printed apart.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
 every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
@@ -28,8 +32,8 @@ of back-to-back pairs.
     python bench/train_step.py --quick                      # smoke
 
 The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X``,
-``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X``, ``compile_speedup=X`` for
-the other comparisons).
+``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X``, ``compile_speedup=X``,
+``layers_speedup=X``, ``layers_plain_speedup=X`` for the other comparisons).
 """
 
 from __future__ import annotations
@@ -74,9 +78,18 @@ def time_side(
     fused: bool = True,
     attn: bool = True,
     ops: bool = True,
+    layers: bool = False,
 ) -> float:
     lora_linear.ENABLED, lora_linear.FUSED_GRADS = merged, fused
     stream_attention.ENABLED, fused_ops.ENABLED = attn, ops
+    lm = lora.sampling_model(model)
+    if layers:  # logprobs.compile_layers, kept from the first call on
+        if lm not in COMPILED:
+            logprobs.compile_layers(model)
+            COMPILED[lm] = logprobs._COMPILED[lm]
+        logprobs._COMPILED[lm] = COMPILED[lm]
+    else:
+        logprobs._COMPILED.pop(lm, None)
     logprobs._RowBuckets.GATHER_ONCE = once
     onednn.ENABLED = DNN_DEFAULT if dnn is None else dnn  # None: this CPU's default
     times = []
@@ -89,6 +102,8 @@ def time_side(
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
+
+COMPILED: dict = {}  # --compare layers: the compiled layer parts of each model, made once
 
 PAD_TO = 64  # the compiled side's length buckets
 
@@ -143,7 +158,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Smoke test: 1 repeat of 1 call.")
     ap.add_argument(
         "--compare",
-        choices=("lora", "gather", "onednn", "grads", "attention", "fused", "compile"),
+        choices=(
+            "lora",
+            "gather",
+            "onednn",
+            "grads",
+            "attention",
+            "fused",
+            "compile",
+            "layers",
+            "layers_plain",
+        ),
         default="lora",
         help="What to compare.",
     )
@@ -174,13 +199,26 @@ def main() -> None:
         "onednn": (dict(dnn=False), dict(dnn=True)),
         "grads": (dict(fused=False), dict(fused=True)),
         "lora": (dict(merged=False), dict()),
+        "layers": (dict(), dict(layers=True)),
+        # what a GPU runs: none of our C kernels, on both sides
+        "layers_plain": (
+            dict(attn=False, ops=False, fused=False),
+            dict(attn=False, ops=False, fused=False, layers=True),
+        ),
     }
     before_kw, ours_kw = sides.get(args.compare, ({}, {}))
     dnn_on = onednn.ENABLED
     step = None
-    if args.compare == "compile":  # a cold compile: inductor's cache in a fresh directory
+    if args.compare in ("compile", "layers", "layers_plain"):  # cold compiles: a fresh cache
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    if args.compare == "compile":
         step = torch.compile(padded_logprob_sum, dynamic=False)
+    if args.compare.startswith("layers"):  # the first call compiles: timed apart
+        t = time.perf_counter()
+        time_side(model, batches[:2], **{"merged": True, **ours_kw})
+        print(
+            f"compiled layers: first two calls {time.perf_counter() - t:.1f} s (compile included)"
+        )
     for r in range(args.repeats):
         if step is not None:
             before_s, first = time_compiled(model, batches, step)
@@ -192,6 +230,7 @@ def main() -> None:
         ratios.append(before_s / ours_s)
         rows.append((r, before_s, ours_s))
     lora_linear.ENABLED, logprobs._RowBuckets.GATHER_ONCE, onednn.ENABLED = True, True, dnn_on
+    logprobs._COMPILED.clear()
     lora_linear.FUSED_GRADS = stream_attention.ENABLED = fused_ops.ENABLED = True
     print(f"batch: 128 rows, {tokens} completion tokens in the first; {args.threads} thread(s)")
     heads = {
@@ -201,6 +240,8 @@ def main() -> None:
         "attention": ("SDPA buckets (s)", "stream kernels (s)"),
         "fused": ("HF modules (s)", "C kernels (s)"),
         "compile": ("torch.compile, padded (s)", "ours, packed (s)"),
+        "layers": ("ours (s)", "ours, layers compiled (s)"),
+        "layers_plain": ("no C kernels (s)", "no C kernels, layers compiled (s)"),
     }.get(args.compare, ("peft LoRA (s)", "merged product (s)"))
     print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:

@@ -63,6 +63,8 @@ class TrainArgs:
     """bf16 mixed precision through accelerate (autocast; weights and optimizer state stay fp32); for GPUs, slower than fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more compute."""
+    compile_train: bool = False
+    """torch.compile each layer's norms, projections and MLP in the trainer's packed forward and backward (inductor; one graph for every sequence length). For GPUs: on fp32 CPU our C kernels run those parts as fast without a compile (faster with LoRA), so there it only adds the compile (tens of seconds)."""
 
     def check(self) -> None:
         if self.device not in DEVICES:

@@ -55,14 +55,16 @@ def qkv(
     cos: torch.Tensor,
     sin: torch.Tensor,
     rotate: bool = True,
+    project=linear,
 ):
     """Rotated queries (..., S, H, D) and keys, and values (..., S, Hkv, D), from the normed
     hidden states ``x`` (..., S, C); ``cos``/``sin`` (..., S, D) from the model's rotary_emb.
-    ``rotate=False``: queries and keys before RoPE (for a kernel that applies it)."""
+    ``rotate=False``: queries and keys before RoPE (for a kernel that applies it).
+    ``project(module, x)`` runs a projection (default: ``lora_linear.linear``)."""
     D = attn.head_dim
-    q = linear(attn.q_proj, x).unflatten(-1, (-1, D))
-    k = linear(attn.k_proj, x).unflatten(-1, (-1, D))
-    v = linear(attn.v_proj, x).unflatten(-1, (-1, D))
+    q = project(attn.q_proj, x).unflatten(-1, (-1, D))
+    k = project(attn.k_proj, x).unflatten(-1, (-1, D))
+    v = project(attn.v_proj, x).unflatten(-1, (-1, D))
     if rotate:
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=-2)
     return q, k, v

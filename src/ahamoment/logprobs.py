@@ -23,6 +23,7 @@ Inputs are built on the model's device.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -151,8 +152,14 @@ def _packed(
     rotate = plan is None  # the stream kernels apply RoPE themselves
     if plan is None:
         plan = _RowBuckets(seg, row_u, valid, N, N + n_pad)
+    dense = _COMPILED.get(lm)
     for li, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
+        if dense is not None:  # compile_layers: the same layer, its dense parts compiled
+            q, k, v = dense[0](layer, h, cos, sin, rotate)
+            o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)
+            h = dense[1](layer, h, o)
+            continue
         x = fused_ops.rms_norm(layer.input_layernorm, h)
         q, k, v = decoder.qkv(attn, x, cos, sin, rotate)  # (N, H|Hkv, D)
         o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
@@ -181,6 +188,49 @@ def _packed(
     logits = lora_linear.linear(lm.lm_head, hid)[:n_src]  # (n_src, V)
     targets = torch.tensor(tgt, dtype=torch.long, device=device)
     return _scatter(logits, targets, at, mask, temperature, with_entropy)
+
+
+def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def _dense_in(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: bool):
+    """A layer's input norm and q/k/v projections (RoPE applied unless ``rotate`` is False)
+    over the stream's hidden states h (N, C), by the model's own modules (peft's LoRA layers
+    included): what ``compile_layers`` compiles."""
+    x = layer.input_layernorm(h)
+    return decoder.qkv(layer.self_attn, x, cos, sin, rotate, project=_call)
+
+
+def _dense_out(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a layer after attention's output o (N, H*D): o_proj and the residual, the
+    post-attention norm, the MLP and its residual, by the model's own modules."""
+    h = h + layer.self_attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> (in, out)
+
+
+def compile_layers(model: torch.nn.Module) -> bool:
+    """From now on, run the packed forward of ``model`` (and so its backward) with each
+    layer's dense parts under ``torch.compile`` (inductor): the norms, the q/k/v projections
+    and RoPE, then o_proj, the MLP and both residuals, as the model's own modules compute
+    them (LoRA adapters included); attention between them runs as before (our kernel on fp32
+    CPU, SDPA over buckets of rows elsewhere). The token axis is dynamic, so one graph serves
+    every stream length and every layer (a forward under no_grad compiles once more). Meant
+    for GPUs: on fp32 CPU it replaces our C kernels for these parts and is no faster, slower
+    with LoRA adapters, whose merged products it trades for peft's layers
+    (docs/results/performance.md). False where ``model`` is not run packed (not a
+    Llama/Qwen2/Mistral); a model that DDP wraps afterwards runs its own forward, uncompiled."""
+    if not packs(model):
+        return False
+    lm = lora.sampling_model(model)
+    _COMPILED[lm] = (
+        torch.compile(_dense_in, dynamic=True),
+        torch.compile(_dense_out, dynamic=True),
+    )
+    return True
 
 
 class _RowBuckets:

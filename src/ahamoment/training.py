@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from ahamoment import atomic, checkpoint, lora
+from ahamoment import atomic, checkpoint, logprobs, lora
 from ahamoment.args import LoraArgs, ModelArgs, TrainArgs
 from ahamoment.base_models import ensure_base_model
 from ahamoment.distributed import Ranks, make_accelerator, share_threads
@@ -146,6 +146,13 @@ def start(cfg: _Config, stage: str, console: Console | None = None) -> TrainingR
     ).to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile_train and cfg.gradient_checkpointing:
+        console.print(
+            "[yellow]--compile-train: no effect with --gradient-checkpointing, which runs the "
+            "model's own forward"
+        )
+    elif cfg.compile_train and not logprobs.compile_layers(model):
+        console.print("[yellow]--compile-train: this model is not run packed; not compiled")
     return TrainingRun(
         accelerator=accelerator,
         ranks=ranks,
