@@ -357,6 +357,34 @@ def test_spare_caches_take_the_smallest_fit_and_keep_within_the_limit():
     assert [x is c for x in spare._free] == [True]
 
 
+@pytest.mark.skipif(compiled._gemm_address() is None, reason="no sgemm in this torch build")
+def test_the_one_call_step_gives_the_per_kernel_rows_bit_for_bit(gqa_model, monkeypatch):
+    # decode_step makes the per-kernel step's calls in C, its products by the sgemm torch.mm
+    # calls: the same rows to the last bit, rows finishing and the cache compacting on the way
+    prompts = _prompts(23, gqa_model.config.vocab_size, seed=31, hi=20)
+    params = [
+        SamplingParams(temperature=0.0 if i % 4 == 0 else 1.0, max_new_tokens=3 + i, stop_ids=(9,))
+        for i in range(len(prompts))
+    ]
+    used = []
+    step = compiled.FusedLlama.step
+
+    def spy(self, *a):
+        used.append(self.whole is not None)
+        return step(self, *a)
+
+    monkeypatch.setattr(compiled.FusedLlama, "step", spy)
+    one = sample(gqa_model, prompts, params, torch.Generator().manual_seed(6), compile=True)
+    assert used and all(used)  # every step in one call, the compacted batches' too
+    used.clear()
+    monkeypatch.setattr(compiled.FusedLlama, "_tables", lambda self, *a: None)
+    per_kernel = sample(gqa_model, prompts, params, torch.Generator().manual_seed(6), compile=True)
+    assert used and not any(used)
+    assert [(c.ids, c.logprobs, c.finish_reason) for c in one] == [
+        (c.ids, c.logprobs, c.finish_reason) for c in per_kernel
+    ]
+
+
 def test_trainer_kernels_follow_the_decoding_head_size(monkeypatch):
     # a rollout's prefill runs the trainer's norms before any training step: they come from
     # the trainer's library for the decoding library's head size, so it is built once

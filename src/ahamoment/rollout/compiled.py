@@ -8,7 +8,10 @@ gate/up each concatenated into one product, and replaces everything between them
 kernels: RMS norm; RoPE plus the KV-cache write plus attention over the prompt and completion
 caches; SiLU(gate) * up; and the sampler's choice
 (log-softmax, then argmax or the same inverse-CDF draw as ``sampler._draw``, fed the same
-uniforms). A layer is 8 calls; attention reads each cached key and value once.
+uniforms). A layer is 8 calls; attention reads each cached key and value once. Where the
+products are torch's own MKL ones (Intel CPUs; no biases), the whole step is one C call
+(``decode_step``), its products by the sgemm torch.mm calls, found in libtorch and checked
+against torch.mm bit for bit once per shape: the same results with no Python between kernels.
 
 What bounds it now: the matrix products, near a large fp32 matmul's rate, and attention, which
 reads every row's completion cache once a step; it asks for the next head's cache lines a few
@@ -524,6 +527,86 @@ void sample_rows(const float *restrict logits, const float *restrict scale,
         lp[s] = (x[k] - m) - lz;
     }
 }
+/* The BLAS sgemm torch.mm calls for fp32 on CPU (MKL's, inside libtorch): Fortran interface,
+   column-major, 32-bit sizes. FusedLlama passes its address where it finds one. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                         const float *, const float *, const int *, const float *, const int *,
+                         const float *, float *, const int *);
+
+/* out (R, N) = x (R, K) wt (K, N), row-major: the call torch.mm(x, wt, out=out) makes. */
+static void product(sgemm_fn gemm, const float *x, const float *wt, float *out, int64_t R,
+                    int64_t K, int64_t N) {
+    const char nt = 'N';
+    const int m = (int)N, n = (int)R, k = (int)K;
+    const float one = 1.0f, zero = 0.0f;
+    gemm(&nt, &nt, &m, &n, &k, &one, wt, &m, x, &k, &zero, out, &m);
+}
+
+/* product() for Python, to check it against torch.mm (FusedLlama). */
+void gemm_rows(const void *gemm, const float *x, const float *wt, float *out, int64_t R,
+               int64_t K, int64_t N) {
+    product((sgemm_fn)(intptr_t)gemm, x, wt, out, R, K, N);
+}
+
+/* y += x over n floats (torch's add_: one rounding per element). */
+static void add_into(float *restrict y, const float *restrict x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+void attn_decode(const float *restrict qkv, const float *restrict cos_t,
+                 const float *restrict sin_t, const int64_t *restrict pos, kv_t *restrict kc,
+                 kv_t *restrict vc, const kv_t *restrict kp, const kv_t *restrict vp,
+                 const int64_t *restrict rp, const int64_t *restrict pstart,
+                 const int64_t *restrict cr, float *restrict out, float *restrict scratch,
+                 int64_t per_thread, int64_t nthreads, int64_t S, int64_t H, int64_t Hkv,
+                 int64_t D, int64_t T, int64_t Lp, int64_t t, float scaling);
+
+#define PTR(i) ((void *)(intptr_t)tab[i])
+
+/* One whole decoding step for S slots, the same calls in the same order as FusedLlama.step
+   makes them one by one from Python (bit for bit its results), in one call: the embedding
+   rows of ids, then per layer RMS norm, q/k/v product, attention (token t, positions pos),
+   o product and residual, RMS norm, gate/up product, SiLU gate, down product and residual;
+   the final norm, the head's logits and the sampler's choice (sample_rows). Products by gemm
+   over transposed (in, out) weights. tab: pointers (FusedLlama._table's layout); eps: each
+   layer's two norm epsilons, the final norm's, then the attention scale; dim: L, C, H, Hkv,
+   D, T, Lp, I, V, per_thread, nthreads. */
+void decode_step(const int64_t *restrict tab, const float *restrict eps,
+                 const int64_t *restrict dim, const int64_t *restrict ids,
+                 const int64_t *restrict pos, const float *restrict scale,
+                 const uint8_t *restrict greedy, const float *restrict uni, int64_t S,
+                 int64_t t) {
+    const int64_t L = dim[0], C = dim[1], H = dim[2], Hkv = dim[3], D = dim[4], T = dim[5];
+    const int64_t Lp = dim[6], I = dim[7], V = dim[8], per_thread = dim[9], nthreads = dim[10];
+    const sgemm_fn gemm = (sgemm_fn)PTR(0);
+    const float *embed = PTR(1);
+    float *h = PTR(2), *x = PTR(3), *qkv = PTR(4), *o = PTR(5), *y = PTR(6), *gu = PTR(7);
+    float *a = PTR(8), *logits = PTR(9), *lp = PTR(11), *scratch = PTR(12);
+    int64_t *tok = PTR(10);
+    const float *cs = PTR(13), *sn = PTR(14);
+    const int64_t *rp = PTR(15), *pstart = PTR(16), *cr = PTR(17);
+    for (int64_t s = 0; s < S; s++) memcpy(h + s * C, embed + ids[s] * C, C * sizeof(float));
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *w = tab + 20 + 10 * l; /* ln1, qkv, o, ln2, gu, down, kc, vc, kp, vp */
+        rmsnorm(h, (const float *)(intptr_t)w[0], x, S, C, eps[2 * l]);
+        product(gemm, x, (const float *)(intptr_t)w[1], qkv, S, C, (H + 2 * Hkv) * D);
+        attn_decode(qkv, cs, sn, pos, (kv_t *)(intptr_t)w[6], (kv_t *)(intptr_t)w[7],
+                    (const kv_t *)(intptr_t)w[8], (const kv_t *)(intptr_t)w[9], rp, pstart, cr,
+                    o, scratch, per_thread, nthreads, S, H, Hkv, D, T, Lp, t, eps[2 * L + 1]);
+        product(gemm, o, (const float *)(intptr_t)w[2], y, S, H * D, C);
+        add_into(h, y, S * C);
+        rmsnorm(h, (const float *)(intptr_t)w[3], x, S, C, eps[2 * l + 1]);
+        product(gemm, x, (const float *)(intptr_t)w[4], gu, S, C, 2 * I);
+        silu_mul(gu, a, S, I, nthreads);
+        product(gemm, a, (const float *)(intptr_t)w[5], y, S, I, C);
+        add_into(h, y, S * C);
+    }
+    rmsnorm(h, PTR(18), x, S, C, eps[2 * L]);
+    product(gemm, x, PTR(19), logits, S, C, V);
+    sample_rows(logits, scale, greedy, uni, tok, lp, scratch, S, V);
+}
+#undef PTR
 """
 
 _C_TRAIN = r"""
@@ -977,6 +1060,8 @@ _SIGNATURES = {
         "silu_mul": [_P, _P, _I64, _I64, _I64],
         "attn_decode": [_P] * 13 + [_I64] * 9 + [_F32],
         "sample_rows": [_P] * 7 + [_I64, _I64],
+        "decode_step": [_P] * 8 + [_I64, _I64],
+        "gemm_rows": [_P] * 4 + [_I64] * 3,
         "attn_decode_per_thread": [_I64] * 5,
         "kv_bytes": [],
         "decode_head_dim": [],
@@ -1225,6 +1310,37 @@ def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
     return None
 
 
+_GEMM: list[int | None] = []  # [address of the sgemm torch.mm calls, or None], once found
+_GEMM_AGREES: dict[tuple[int, int, int], bool] = {}  # (R, K, N) -> checked bit for bit
+
+
+def _gemm_address() -> int | None:
+    """The address of the BLAS ``sgemm_`` inside libtorch (MKL's, on x86 builds), or None."""
+    if not _GEMM:
+        found = None
+        try:
+            lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+            found = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            pass
+        _GEMM.append(found)
+    return _GEMM[0]
+
+
+def _gemm_agrees(lib: ctypes.CDLL, R: int, K: int, N: int) -> bool:
+    """Whether ``decode_step``'s products of this shape are torch.mm's bit for bit (they are
+    where torch.mm calls that same sgemm, as MKL builds do): checked once per shape on random
+    inputs."""
+    key = (R, K, N)
+    if key not in _GEMM_AGREES:
+        g = torch.Generator().manual_seed(R * 7919 + K * 31 + N)
+        x, wt = torch.randn(R, K, generator=g), torch.randn(K, N, generator=g)
+        ours = torch.empty(R, N)
+        lib.gemm_rows(_gemm_address(), x.data_ptr(), wt.data_ptr(), ours.data_ptr(), R, K, N)
+        _GEMM_AGREES[key] = torch.equal(ours, torch.mm(x, wt))
+    return _GEMM_AGREES[key]
+
+
 class SpareCaches:
     """Completion caches of finished decodes, kept for the next decode to reuse.
 
@@ -1326,6 +1442,13 @@ class FusedLlama:
         # the caches' element type, as the kernels were built (kv_bytes: 2 half, 4 fp32)
         self.kv_dtype = torch.float16 if lib.kv_bytes() == 2 else torch.float32
         self.tile = lib.key_tile()  # key columns per tile of the caches' layout
+        # the whole step in one C call (decode_step) where its products are torch's own MKL
+        # ones (transposed weights, no biases) and sgemm is found; else a call per kernel
+        products = [w[k] for w in self.layers for k in ("qkv", "o", "gu", "down")]
+        products.append(self.head)
+        self.one_call = all(p.wt is not None and p.bias is None for p in products)
+        self.one_call = self.one_call and _gemm_address() is not None
+        self.whole: tuple[int, int, int] | None = None  # decode_step's tab, eps, dim pointers
 
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids, pos, valid: (U, Lp) left-padded prompts; returns last-position logits (U, V)."""
@@ -1386,6 +1509,36 @@ class FusedLlama:
         # every call; otherwise onednn.linear decides (blocks, or torch's own product)
         direct = onednn.applies(self.x, self.lm_head) and R <= onednn.BLOCK
         self.linear = onednn.product if direct else onednn.linear
+        self.whole = self._tables(S, C, V) if self.one_call and R == S else None
+
+    def _tables(self, S: int, C: int, V: int) -> tuple[int, int, int] | None:
+        """decode_step's pointer table (kept buffers for S slots), epsilons and sizes, or None
+        where one of its products would not be torch.mm's bit for bit."""
+        QKV, HD, inter = (self.H + 2 * self.Hkv) * self.D, self.H * self.D, self.I
+        shapes = [(C, QKV), (HD, C), (C, 2 * inter), (inter, C), (C, V)]
+        if not all(_gemm_agrees(self.lib, S, k, n) for k, n in shapes):
+            return None
+        new = dict(dtype=torch.float32, device=self.x.device)
+        self.h = torch.empty(S, C, **new)
+        self.qkv, self.y = torch.empty(S, QKV, **new), torch.empty(S, C, **new)
+        self.gu, self.logits = torch.empty(S, 2 * inter, **new), torch.empty(S, V, **new)
+        bufs = [self.embed, self.h, self.x, self.qkv, self.o, self.y, self.gu, self.a]
+        bufs += [self.logits, self.tok, self.lp, self.scratch, self.cos, self.sin, self.rp]
+        bufs += [self.pstart, self.cr, self.norm, self.head.wt]
+        tab = [_gemm_address()] + [t.data_ptr() for t in bufs]
+        eps = []
+        for li, w in enumerate(self.layers):
+            ts = [w["ln1"], w["qkv"].wt, w["o"].wt, w["ln2"], w["gu"].wt, w["down"].wt]
+            ts += [self.k[li], self.v[li], self.kp[li], self.vp[li]]
+            tab += [t.data_ptr() for t in ts]
+            eps += [w["ln1_eps"], w["ln2_eps"]]
+        dims = [len(self.layers), C, self.H, self.Hkv, self.D, self.T, self.Lp, inter, V]
+        dims += [self.per_thread, self.threads]
+        # kept on self: the C side reads them through these pointers every step
+        self._tab = torch.tensor(tab, dtype=torch.int64)
+        self._eps = torch.tensor([*eps, self.eps, self.scaling], dtype=torch.float32)
+        self._dim = torch.tensor(dims, dtype=torch.int64)
+        return self._tab.data_ptr(), self._eps.data_ptr(), self._dim.data_ptr()
 
     def retire(self, slot: torch.Tensor) -> torch.Tensor | None:
         """Only the rows at ``slot`` (n,) go on. Compacts the slots when at most 3/4 of them
@@ -1409,6 +1562,19 @@ class FusedLlama:
         greedy (S,) uint8, uniform (S,) float32. Returns logits (S, V) and the chosen token
         and its log-prob (S,) per slot (the buffers are reused by the next step)."""
         lib, S, C, linear = self.lib, self.S, self.embed.shape[1], self.linear
+        if self.whole is not None:  # the same calls in one (decode_step)
+            lib.decode_step(
+                *self.whole,
+                ids.contiguous().data_ptr(),
+                pos.contiguous().data_ptr(),
+                scale.contiguous().data_ptr(),
+                greedy.contiguous().data_ptr(),
+                uniform.contiguous().data_ptr(),
+                S,
+                self.t,
+            )
+            self.t += 1
+            return self.logits, self.tok, self.lp
         x, o, a = self.x, self.o, self.a
         h = self.embed.index_select(0, ids)  # (S, C)
         pos = pos.contiguous()
