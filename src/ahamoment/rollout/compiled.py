@@ -569,7 +569,7 @@ void attn_decode(const float *restrict qkv, const float *restrict cos_t,
    rows of ids, then per layer RMS norm, q/k/v product, attention (token t, positions pos),
    o product and residual, RMS norm, gate/up product, SiLU gate, down product and residual;
    the final norm, the head's logits and the sampler's choice (sample_rows). Products by gemm
-   over transposed (in, out) weights. tab: pointers (FusedLlama._table's layout); eps: each
+   over transposed (in, out) weights. tab: pointers (FusedLlama._tables's layout); eps: each
    layer's two norm epsilons, the final norm's, then the attention scale; dim: L, C, H, Hkv,
    D, T, Lp, I, V, per_thread, nthreads. */
 void decode_step(const int64_t *restrict tab, const float *restrict eps,
@@ -1346,8 +1346,7 @@ class SpareCaches:
 
     A fresh cache is tens of MB (a 128-row rollout of the embedded model: 2 x 34 MB), which
     the allocator takes from the OS anew every decode; each page is then faulted in and zeroed
-    by the kernel when decoding first writes it, about 5% of such a rollout's time. A kept
-    buffer's pages are already there. Its old contents are harmless: the fused step reads only
+    by the kernel when decoding first writes it. A kept buffer's pages are already there. Its old contents are harmless: the fused step reads only
     cache columns it wrote this decode (and zeroes a key tile when it writes its first column).
     Thread-safe; keeps at most ``limit`` bytes, the most recently returned buffers first."""
 
@@ -1563,16 +1562,9 @@ class FusedLlama:
         and its log-prob (S,) per slot (the buffers are reused by the next step)."""
         lib, S, C, linear = self.lib, self.S, self.embed.shape[1], self.linear
         if self.whole is not None:  # the same calls in one (decode_step)
-            lib.decode_step(
-                *self.whole,
-                ids.contiguous().data_ptr(),
-                pos.contiguous().data_ptr(),
-                scale.contiguous().data_ptr(),
-                greedy.contiguous().data_ptr(),
-                uniform.contiguous().data_ptr(),
-                S,
-                self.t,
-            )
+            # held in locals: a copy made by contiguous() must outlive the call
+            args = [t.contiguous() for t in (ids, pos, scale, greedy, uniform)]
+            lib.decode_step(*self.whole, *(t.data_ptr() for t in args), S, self.t)
             self.t += 1
             return self.logits, self.tok, self.lp
         x, o, a = self.x, self.o, self.a
