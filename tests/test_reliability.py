@@ -319,3 +319,28 @@ def test_a_read_only_run_directory_stops_with_one_line_and_changes_nothing(tiny_
         line = _one_error_line((tmp_path / f"{name}.log").read_text())
         assert "Read-only file system" in line, line
     assert _tree(run) == before
+
+
+def test_a_signal_inside_interrupts_deferred_lands_when_the_block_ends():
+    # zero's update-and-count and log-and-mark blocks: the block runs to its end, then the
+    # Ctrl-C (or kill) is raised; a second signal inside the block raises at once
+    from ahamoment.runs import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not reached")
+    assert done == ["after the signal"]
+
+    with interrupts_deferred():  # no signal: nothing raised
+        done.append("quiet")
+    assert done[-1] == "quiet"

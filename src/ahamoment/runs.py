@@ -182,6 +182,32 @@ def raise_interrupt(signum: int, frame: Any) -> None:
 
 
 @contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside the block takes effect when the block ends (a second one at
+    once): a step's update and its bookkeeping, or its logs and the mark that they are
+    written, are never cut in between. Only in the main thread (where Python runs signal
+    handlers); elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:  # the second: no more waiting
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def interruptible(on_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
     """Ctrl-C or SIGTERM (``kill``) inside the block: run ``on_interrupt`` (save, say how to
     resume), then exit with status 130."""

@@ -39,7 +39,7 @@ from ahamoment.base_models import reversed_digits
 from ahamoment.data import DataError, read_jsonl
 from ahamoment.models import load_model, n_params
 from ahamoment.progress import progress_bar
-from ahamoment.runs import interruptible
+from ahamoment.runs import interruptible, interrupts_deferred
 from ahamoment.schedules import warmup_cosine
 
 IGNORE = -100
@@ -449,28 +449,31 @@ def sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             # 3. optimizer step
             accelerator.backward(loss * weight)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_tok = sum(len(s[0]) for s in seqs)
-            loss_sum, pads, cells = ranks.sum(
-                [loss.item(), batch.pad_cells(mine), batch.cells()] if mine else [0.0, 0, 0]
-            )
-            dt = time.time() - t0
-            train_s += dt
-            tokens += n_tok
-            # 4. log
-            row = {
-                "step": step,
-                "loss": loss_sum,
-                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
-                "tok_s": n_tok / max(dt, 1e-9),
-                "pad_share": pads / max(cells, 1.0),
-            }
-            if ranks.main:
-                run.append("metrics.jsonl", row)
+            # stepped, counted and logged together: a Ctrl-C waits for the row (the saved
+            # step is then the one the weights are at, and its row is written)
+            with interrupts_deferred():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                n_tok = sum(len(s[0]) for s in seqs)
+                loss_sum, pads, cells = ranks.sum(
+                    [loss.item(), batch.pad_cells(mine), batch.cells()] if mine else [0.0, 0, 0]
+                )
+                dt = time.time() - t0
+                train_s += dt
+                tokens += n_tok
+                # 4. log
+                row = {
+                    "step": step,
+                    "loss": loss_sum,
+                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tok_s": n_tok / max(dt, 1e-9),
+                    "pad_share": pads / max(cells, 1.0),
+                }
+                if ranks.main:
+                    run.append("metrics.jsonl", row)
             bar.update(bar_id, advance=1, info=f"loss {row['loss']:.3f}")
             # 5. checkpoint
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:

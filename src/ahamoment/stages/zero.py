@@ -72,7 +72,7 @@ from ahamoment.rl.update import OLD_LOGP, TrainBatch, UpdateSettings, anchor, po
 from ahamoment.rollout import ENGINES, SamplingParams, make_engine
 from ahamoment.rollout.base import engine_stats
 from ahamoment.rollout.server_engine import WEIGHT_SYNCS
-from ahamoment.runs import interruptible
+from ahamoment.runs import interruptible, interrupts_deferred
 from ahamoment.schedules import warmup_linear_decay
 from ahamoment.server_protocol import API_KEY_ENV, WEIGHTS_KEY_ENV, state_sha
 from ahamoment.splits import excluded
@@ -477,46 +477,52 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
             anchors = anchor(policy, ref_model, batch, rewards, update, cfg.kl_placement, ranks)
             # 4. advantage: group-relative; a constant group gets exactly 0
             adv = adv_fn(anchors.rewards, cfg.group_size)  # (B,)
-            # 5. loss and optimizer steps, then the sampler and reference follow the policy
-            model.train()
-            upd = policy_update(
-                model,
-                optimizer,
-                accelerator,
-                TrainBatch(batch, adv, in_loss, anchors.old_logp, anchors.ref_logp),
-                update.with_kl(anchors.loss_kl),
-                gen,
-                ranks,
-            )
-            scheduler.step()
-            t_sync = time.time()
-            engine.sync_weights(lora.sampling_model(policy), version=step + 1)  # in-process: no-op
-            pipeline.published(step + 1)
-            t_sync = time.time() - t_sync
-            if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
-                ref_model.load_state_dict(lora.merged_state_dict(policy))
-            t_train = time.time() - t1
-            # 6. log (rollout figures over everything sampled this step)
-            row = {"step": step + 1, **rollout_metrics(sampled, cfg.group_size, reverse)}
-            row.update(sampling)
-            row.update(overlong_masked=int((~in_loss).sum()), lr=scheduler.get_last_lr()[0])
-            row.update({k: v for k, v in upd.items() if k != "train_tokens"})
-            row.update(
-                rollout_tok_s=sum(sampled.lengths) / max(got.seconds, 1e-9),
-                rollout_wait_s=got.waited,
-                sync_s=t_sync,
-                train_tok_s=upd["train_tokens"] / max(t_train, 1e-9),
-                step_s=time.time() - t0,
-            )
-            unlogged[:] = [row, _samples(step + 1, batch, cfg)]  # kept if Ctrl-C comes first
-            step += 1
+            # 5. loss and optimizer steps, then the sampler and reference follow the policy;
+            # through 6, a Ctrl-C waits for the step to be counted (the saved step is then the
+            # one the weights are at)
+            with interrupts_deferred():
+                model.train()
+                upd = policy_update(
+                    model,
+                    optimizer,
+                    accelerator,
+                    TrainBatch(batch, adv, in_loss, anchors.old_logp, anchors.ref_logp),
+                    update.with_kl(anchors.loss_kl),
+                    gen,
+                    ranks,
+                )
+                scheduler.step()
+                t_sync = time.time()
+                # in-process: no-op
+                engine.sync_weights(lora.sampling_model(policy), version=step + 1)
+                pipeline.published(step + 1)
+                t_sync = time.time() - t_sync
+                if ref_model is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
+                    ref_model.load_state_dict(lora.merged_state_dict(policy))
+                t_train = time.time() - t1
+                # 6. log (rollout figures over everything sampled this step)
+                row = {"step": step + 1, **rollout_metrics(sampled, cfg.group_size, reverse)}
+                row.update(sampling)
+                row.update(overlong_masked=int((~in_loss).sum()), lr=scheduler.get_last_lr()[0])
+                row.update({k: v for k, v in upd.items() if k != "train_tokens"})
+                row.update(
+                    rollout_tok_s=sum(sampled.lengths) / max(got.seconds, 1e-9),
+                    rollout_wait_s=got.waited,
+                    sync_s=t_sync,
+                    train_tok_s=upd["train_tokens"] / max(t_train, 1e-9),
+                    step_s=time.time() - t0,
+                )
+                unlogged[:] = [row, _samples(step + 1, batch, cfg)]  # kept if Ctrl-C comes first
+                step += 1
             if ranks.main:  # rank 0 evaluates, logs and writes samples
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     ev = evals.run(evals.problems[: cfg.eval_n], 1000 + step)
                     row.update({f"eval/{k}": v for k, v in ev.items()})
-                run.append("metrics.jsonl", row)
-                logger.log(step, row)
-                run.append("samples.jsonl", *unlogged[1])
+                with interrupts_deferred():  # written and marked so together (on_interrupt)
+                    run.append("metrics.jsonl", row)
+                    logger.log(step, row)
+                    run.append("samples.jsonl", *unlogged[1])
+                    unlogged.clear()
             unlogged.clear()
             info = (
                 f"reward {row['reward']:.2f}  acc {row['accuracy']:.2f}  len {row['len_mean']:.0f}"
