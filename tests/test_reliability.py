@@ -324,23 +324,38 @@ def test_a_read_only_run_directory_stops_with_one_line_and_changes_nothing(tiny_
 def test_a_signal_inside_interrupts_deferred_lands_when_the_block_ends():
     # zero's update-and-count and log-and-mark blocks: the block runs to its end, then the
     # Ctrl-C (or kill) is raised; a second signal inside the block raises at once
+    from ahamoment import runs
     from ahamoment.runs import interrupts_deferred
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    term = signal.signal(signal.SIGTERM, runs.raise_interrupt)  # as interruptible sets it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("after the signal")
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        assert signal.getsignal(signal.SIGTERM) is runs.raise_interrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("not reached")
+        assert done == ["after the signal"]
+
+        with interrupts_deferred():  # no signal: nothing raised
+            done.append("quiet")
+        assert done[-1] == "quiet"
+
+        # an ignored Ctrl-C (a job started in the background) stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
-            done.append("after the signal")
-    assert done == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("not reached")
-    assert done == ["after the signal"]
-
-    with interrupts_deferred():  # no signal: nothing raised
-        done.append("quiet")
-    assert done[-1] == "quiet"
+            done.append("ignored")
+        assert done[-1] == "ignored" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGTERM, term)

@@ -185,26 +185,29 @@ def raise_interrupt(signum: int, frame: Any) -> None:
 def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C or SIGTERM inside the block takes effect when the block ends (a second one at
     once): a step's update and its bookkeeping, or its logs and the mark that they are
-    written, are never cut in between. Only in the main thread (where Python runs signal
-    handlers); elsewhere the block runs as is."""
+    written, are never cut in between. Only signals with a Python handler are held (Ctrl-C's
+    KeyboardInterrupt, ``interruptible``'s SIGTERM); one ignored or left to the OS stays so.
+    In threads other than the main one (where Python runs handlers) the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
+    old = {s: h for s in (signal.SIGINT, signal.SIGTERM) if callable(h := signal.getsignal(s))}
 
     def hold(signum: int, frame: Any) -> None:
         if held:  # the second: no more waiting
-            raise KeyboardInterrupt
+            old[signum](signum, frame)
         held.append(signum)
 
-    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, hold)
     try:
         yield
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    if held:
-        raise KeyboardInterrupt
+    if held:  # as the handler would have, now
+        old[held[0]](held[0], None)
 
 
 @contextmanager
