@@ -157,14 +157,16 @@ def _packed(
         attn = layer.self_attn
         if dense is not None:  # compile_layers: the same layer, its dense parts compiled
             q, k, v = dense[0](layer, h, cos, sin, rotate)
-            o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)
-            h = dense[1](layer, h, o)
-            continue
-        x = fused_ops.rms_norm(layer.input_layernorm, h)
-        q, k, v = decoder.qkv(attn, x, cos, sin, rotate)  # (N, H|Hkv, D)
+        else:
+            x = fused_ops.rms_norm(layer.input_layernorm, h)
+            q, k, v = decoder.qkv(attn, x, cos, sin, rotate)  # (N, H|Hkv, D)
         o = plan.attend(q, k, v, keys[li], values[li], attn.scaling)  # (N, H*D)
-        h = h + lora_linear.linear(attn.o_proj, o)
-        h = h + lora_linear.mlp(layer.mlp, fused_ops.rms_norm(layer.post_attention_layernorm, h))
+        if dense is not None:
+            h = dense[1](layer, h, o)
+        else:
+            h = h + lora_linear.linear(attn.o_proj, o)
+            norm = fused_ops.rms_norm(layer.post_attention_layernorm, h)
+            h = h + lora_linear.mlp(layer.mlp, norm)
 
     # predicting positions: each row's prompt end (token 0), then its stream (tokens 1..)
     hid = torch.cat([hp[:, -1], h])  # (U + N, C)

@@ -523,7 +523,6 @@ def zero(cfg: ZeroConfig, console: Console | None = None) -> dict[str, Any]:
                     logger.log(step, row)
                     run.append("samples.jsonl", *unlogged[1])
                     unlogged.clear()
-            unlogged.clear()
             info = (
                 f"reward {row['reward']:.2f}  acc {row['accuracy']:.2f}  len {row['len_mean']:.0f}"
             )
