@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, sized for 15 minutes of one H100/H200: the rollout bench on
-# CUDA in bf16 (a Qwen2-0.5B-shaped model from its config), then 20 steps of `aha zero` on the
+# CUDA in bf16 (a Qwen2-0.5B-shaped model from its config; our step from CUDA graphs and eager,
+# against HF generate), then 20 steps of `aha zero` on the
 # embedded model with --device auto --bf16, then 12 more with --compile-train (the trainer's
 # layers under torch.compile) against those. Run from the repository root on the GPU machine;
 # it writes its logs to ${OUT:-runs/gpu}. Prepared, not yet run: no GPU was lent so far.
@@ -15,6 +16,10 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:src
 else
   export PYTHONPATH=src
+fi
+# the graphed step against the eager one, captured on this GPU (a failure is reported, not fatal)
+if python3 -c "import pytest" 2>/dev/null; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee "$out/graphs_test.txt" || true
 fi
 timeout 360 python3 bench/gpu_rollout.py --repeats 3 --hf-static 2>&1 | tee "$out/gpu_rollout.txt"
 timeout 300 python3 -m ahamoment.cli zero --device auto --bf16 --steps 20 --heldout-n 100 \

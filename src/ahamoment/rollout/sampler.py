@@ -13,7 +13,8 @@ before the minimum); the forced token's log-prob is the model's, like any other.
 ``sample_stream`` yields each step's tokens as they are drawn; ``sample`` collects them.
 ``compile=True`` (opt-in, on ``sample``, ``sample_stream`` and ``TorchEngine``) runs each step
 through the fused C kernels of ``compiled.py`` instead: the same tokens from the same uniforms,
-log-probs equal to float rounding; eager after one warning line where they cannot run.
+log-probs equal to float rounding; eager after one warning line where they cannot run. On CUDA
+it replays the step from CUDA graphs instead (``graphs.py``: fixed shapes, slots in buckets).
 
 Per-token log-probs are those of ``log_softmax(logits / temperature)`` (before top-p/top-k
 truncation; raw logits for greedy rows). They serve as a sampler/trainer mismatch
@@ -35,7 +36,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ahamoment import decoder, lora
 from ahamoment.lora_linear import linear, mlp
-from ahamoment.rollout import compiled
+from ahamoment.rollout import compiled, graphs
 from ahamoment.rollout.base import (
     ENGINES,
     Completion,
@@ -328,8 +329,9 @@ def sample_stream(
 
     ``params`` is one ``SamplingParams`` for every row or one per prompt. Rows are prompt
     indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
-    for stop strings. ``compile``: decode with the fused step (``compiled.py``; eager after
-    one warning where it cannot run); the same tokens up to float rounding. ``kv_cache``: what
+    for stop strings. ``compile``: decode with the fused step (``compiled.py``; on CUDA from
+    CUDA graphs, ``graphs.py``; eager after one warning where it cannot run); the same tokens
+    up to float rounding. ``kv_cache``: what
     the key/value cache holds (``decoder.KV_CACHE``: model, the model's dtype; float16).
     """
     for rows, toks, lps, ends in _steps(
@@ -413,9 +415,10 @@ def _decode(
         valid[i, max_prompt - len(p) :] = True
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     max_len = max_prompt + int(max_new.max())
-    fused = compiled.fused_runner(model, max_len, kv_cache) if compile else None
-    if fused is not None:
-        runner: _LlamaLike | _HFCache | compiled.FusedLlama = fused
+    fast = _compiled_runner(model, max_len, kv_cache) if compile else None
+    fused = fast if isinstance(fast, compiled.FusedLlama) else None
+    if fast is not None:
+        runner: _LlamaLike | _HFCache | compiled.FusedLlama | graphs.StaticLlama = fast
     elif _LlamaLike.supports(model) and decoder.fits_window(model, max_len):
         runner = _LlamaLike(model, kv_cache)
     else:
@@ -427,7 +430,7 @@ def _decode(
     fused_pick = fused_pick and all(p.top_p >= 1.0 and not 0 < p.top_k < V for p in ps)
     logits = runner.forward(input_ids, positions, valid)[row_prompt]  # (B, V)
     live = torch.arange(B, device=device)  # batch index of each live row
-    if isinstance(runner, (_LlamaLike, compiled.FusedLlama)):  # cache slots
+    if isinstance(runner, (_LlamaLike, compiled.FusedLlama, graphs.StaticLlama)):  # slots
         slot = runner.start(row_prompt, int(max_new.max()))  # cache slot of each live row
         n_cache = runner.size
     else:
@@ -490,7 +493,7 @@ def _decode(
             on = on.select(keep)
         # Compact the cache once a quarter of its rows are finished, so copies stay O(cache);
         # until then finished rows ride along as padding and their outputs are dropped.
-        if isinstance(runner, (_LlamaLike, compiled.FusedLlama)):
+        if isinstance(runner, (_LlamaLike, compiled.FusedLlama, graphs.StaticLlama)):
             if len(live) <= 0.75 * n_cache:
                 new_slot = runner.retire(slot)
                 if new_slot is not None:
@@ -503,7 +506,7 @@ def _decode(
                 ids = torch.full((n_cache,), pad_id, dtype=torch.long, device=device)
                 pos = torch.zeros((n_cache,), dtype=torch.long, device=device)
                 ids[slot], pos[slot] = tok, next_pos
-            if isinstance(runner, _LlamaLike):
+            if isinstance(runner, (_LlamaLike, graphs.StaticLlama)):
                 logits = runner.step(ids, pos)
                 logits = logits[slot] if gaps else logits
             else:
@@ -520,6 +523,17 @@ def _decode(
             ids[slot, 0], pos[slot, 0], new_valid[slot, 0] = tok, next_pos, True
             logits = runner.forward(ids, pos, new_valid)[slot]
         next_pos = next_pos + 1
+
+
+def _compiled_runner(
+    model: PreTrainedModel, max_len: int, kv_cache: str
+) -> compiled.FusedLlama | graphs.StaticLlama | None:
+    """``compile=True``'s step: replayed from CUDA graphs on CUDA (``graphs.py``), the fused C
+    kernels elsewhere (``compiled.py``); None (eager) after one warning line where it cannot
+    run."""
+    if next(model.parameters()).device.type == "cuda":
+        return graphs.graphed_runner(model, max_len, kv_cache)
+    return compiled.fused_runner(model, max_len, kv_cache)
 
 
 class _LiveRows:
@@ -609,7 +623,8 @@ def sample(
 @ENGINES.register("torch-eager")
 class TorchEngine:
     """Our batched KV-cache sampler behind the ``Engine`` interface, eager torch ops by
-    default (``compile=True``: the fused step of ``compiled.py``).
+    default (``compile=True``: the fused step of ``compiled.py``, on CUDA the step replayed
+    from CUDA graphs, ``graphs.py``).
 
     In-process: it samples from the very module it was given, so ``sync_weights`` with that
     module is a no-op; another module's weights are copied in (a LoRA model's merged).
@@ -682,8 +697,8 @@ class TorchEngine:
 
 @ENGINES.register("torch")
 class FusedTorchEngine(TorchEngine):
-    """The default engine: our sampler with the fused decoding step (``compiled.py``), eager
-    after one warning line where it cannot run (``--engine torch-eager`` asks for eager).
+    """The default engine: our sampler with the fused decoding step (``compiled.py``; on CUDA
+    replayed from CUDA graphs, ``graphs.py``), eager after one warning line where it cannot run (``--engine torch-eager`` asks for eager).
     ``kv_cache="float16"`` halves the bytes its attention reads (``decoder.KV_CACHE``)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, **options: Any) -> None:
