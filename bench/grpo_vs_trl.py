@@ -15,7 +15,7 @@ Both sides run the same algorithm on the same weights, prompts and reward, one s
 
 Our step is built from the components `aha zero` runs: ``rl.rollouts.sample_groups`` (rollout
 and reward), the ``grpo`` advantage, then ``rl.update.policy_update`` (loss, backward, AdamW step), with
-the zero recipe's micro-batch of 32 sequences (4 groups) per packed forward/backward. TRL runs
+the zero recipe's micro-batch of 64 sequences (8 groups) per packed forward/backward. TRL runs
 ``GRPOTrainer.train`` with every setting pinned and printed (loss_type, micro-batch size,
 steps_per_generation, gradient checkpointing off, fp32); its completion tokens are counted from
 the ids its reward function receives. TRL gets the settings that ran fastest for it here with one
@@ -92,7 +92,7 @@ class Sizes:
     steps: int = 3  # timed steps per repeat, after one warm-up step
     repeats: int = 3
     trl_micro_batch: int = 16  # TRL per_device_train_batch_size (completions per forward)
-    our_micro_batch: int = 32  # ours, as recipes/zero-countdown.yaml: 4 groups per forward/backward
+    our_micro_batch: int = 64  # ours, as recipes/zero-countdown.yaml: 8 groups per forward/backward
 
     @property
     def batch(self) -> int:

@@ -108,7 +108,7 @@ class ZeroConfig(HeldoutArgs, LoraArgs, TrainArgs, ModelArgs):
     """M: optimizer steps per rollout batch per epoch (DeepSeek-R1 used 16)."""
     epochs: int = 1
     """μ: passes over each rollout batch."""
-    micro_batch: int = 32
+    micro_batch: int = 64
     """Rows per forward/backward inside a minibatch (gradients accumulate; the update is the same); Llama-style models run them packed. 0: one group when it divides the minibatch; at least the minibatch's size: the whole minibatch."""
     skip_zero_adv: bool = True
     """With kl_coef 0: skip the forward and backward of rows whose advantage is exactly 0 (all-equal groups); the update is the same."""
