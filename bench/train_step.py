@@ -17,10 +17,13 @@ is printed apart and left out of the timings, as the warm-up call is. ``--compar
 our packed path with each layer's norms, projections and MLP under ``torch.compile``
 (``logprobs.compile_layers``, ``--compile-train``) against the same path as it runs by default;
 ``--compare layers_plain``: the same two with none of our C kernels on either side, as on a
-GPU. The compile lands in the first calls, printed apart.
+GPU. The compile lands in the first calls, printed apart. ``--compare micro``: the batch in
+forward/backward calls of 32 rows against calls of 64 (``aha zero``'s ``micro_batch`` inside
+its minibatches of 64), gradients accumulating.
 
 Both sides run ``completion_logprobs`` on the shipped embedded base with rank-4 adapters on
-every projection (``aha zero``'s recipe; B moved off 0 so every adapter path computes), over
+every projection (``aha zero``'s targets; its recipe's rank is 8; B moved off 0 so every
+adapter path computes), over
 one batch shaped like a late GRPO step: 16 prompts of 38-45 tokens x 8 completions whose
 lengths are drawn around 85 tokens (5-192), then backpropagate a sum of the log-probs. The
 sides alternate ``--repeats`` times on the same batches; each timing is the median of
@@ -33,7 +36,8 @@ of back-to-back pairs.
 
 The last line is ``train_step_speedup=X`` (``gather_speedup=X``, ``onednn_speedup=X``,
 ``grads_speedup=X``, ``attention_speedup=X``, ``fused_speedup=X``, ``compile_speedup=X``,
-``layers_speedup=X``, ``layers_plain_speedup=X`` for the other comparisons).
+``layers_speedup=X``, ``layers_plain_speedup=X``, ``micro_speedup=X`` for the other
+comparisons).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def time_side(
     attn: bool = True,
     ops: bool = True,
     layers: bool = False,
+    micro: int = 0,
 ) -> float:
     lora_linear.ENABLED, lora_linear.FUSED_GRADS = merged, fused
     stream_attention.ENABLED, fused_ops.ENABLED = attn, ops
@@ -96,8 +101,12 @@ def time_side(
     for i, (p, c) in enumerate(batches):
         t = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        logp, mask, _ = completion_logprobs(model, p, c, 1.0, 0, with_entropy=True)
-        (logp * mask).sum().backward()
+        step = micro or len(p)  # rows per forward/backward, gradients accumulating
+        for j in range(0, len(p), step):
+            logp, mask, _ = completion_logprobs(
+                model, p[j : j + step], c[j : j + step], 1.0, 0, with_entropy=True
+            )
+            (logp * mask).sum().backward()
         if i:  # the first call warms up
             times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -168,6 +177,7 @@ def main() -> None:
             "compile",
             "layers",
             "layers_plain",
+            "micro",
         ),
         default="lora",
         help="What to compare.",
@@ -200,6 +210,8 @@ def main() -> None:
         "grads": (dict(fused=False), dict(fused=True)),
         "lora": (dict(merged=False), dict()),
         "layers": (dict(), dict(layers=True)),
+        # aha zero's micro-batches: a minibatch of 64 rows in two calls, or in one
+        "micro": (dict(micro=32), dict(micro=64)),
         # what a GPU runs: none of our C kernels, on both sides
         "layers_plain": (
             dict(attn=False, ops=False, fused=False),
@@ -242,6 +254,7 @@ def main() -> None:
         "compile": ("torch.compile, padded (s)", "ours, packed (s)"),
         "layers": ("ours (s)", "ours, layers compiled (s)"),
         "layers_plain": ("no C kernels (s)", "no C kernels, layers compiled (s)"),
+        "micro": ("micro-batches of 32 (s)", "of 64 (s)"),
     }.get(args.compare, ("peft LoRA (s)", "merged product (s)"))
     print(f"repeat  {heads[0]}  {heads[1]}  ratio")
     for r, a, b in rows:
