@@ -43,6 +43,16 @@ def tiny_model(tiny_tokenizer):
     return new_model(cfg, seed=0).eval()
 
 
+@pytest.fixture(scope="module")
+def gqa_model(tiny_tokenizer):
+    """head_dim 32 (an unrolled kernel path of the fused step), 2 query heads per kv head."""
+    cfg = tiny_llama_config(
+        tiny_tokenizer, hidden=128, layers=2, heads=4, intermediate=96, max_positions=512
+    )
+    cfg.num_key_value_heads = 2
+    return new_model(cfg, seed=1).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny base model built once by the real `aha pretrain` (recipes/pretrain-tiny.yaml);

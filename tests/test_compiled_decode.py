@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ahamoment.models import new_model, tiny_llama_config
+from ahamoment.models import new_model
 from ahamoment.rollout import TorchEngine, compiled
 from ahamoment.rollout.base import Request
 from ahamoment.rollout.budget import ThinkingBudget
@@ -45,16 +45,6 @@ def _both(model, prompts, params, seed=0, **kw):
     eager = sample(model, prompts, params, torch.Generator().manual_seed(seed), **kw)
     fused = sample(model, prompts, params, torch.Generator().manual_seed(seed), compile=True, **kw)
     return eager, fused
-
-
-@pytest.fixture(scope="module")
-def gqa_model(tiny_tokenizer):
-    """head_dim 32 (an unrolled kernel path), 2 query heads per kv head."""
-    cfg = tiny_llama_config(
-        tiny_tokenizer, hidden=128, layers=2, heads=4, intermediate=96, max_positions=512
-    )
-    cfg.num_key_value_heads = 2
-    return new_model(cfg, seed=1).eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,26 +6,15 @@ needs a GPU: the last test runs it only where CUDA is available."""
 from __future__ import annotations
 
 import gc
-import random
 
 import pytest
 import torch
 
 from ahamoment.logprobs import left_pad
-from ahamoment.models import new_model, tiny_llama_config
+from ahamoment.models import new_model
 from ahamoment.rollout import graphs, sampler
 from ahamoment.rollout.sampler import SamplingParams, sample
-
-ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def gqa_model(tiny_tokenizer):
-    cfg = tiny_llama_config(
-        tiny_tokenizer, hidden=64, layers=2, heads=4, intermediate=96, max_positions=512
-    )
-    cfg.num_key_value_heads = 2
-    return new_model(cfg, seed=3).eval()
+from test_compiled_decode import _assert_same, _both, _prompts  # eager-vs-compiled helpers
 
 
 @pytest.fixture
@@ -52,26 +41,6 @@ def static_step(monkeypatch):
     return seen, kepts
 
 
-def _prompts(n, vocab, seed=0, lo=5, hi=14):
-    rng = random.Random(seed)
-    return [[rng.randrange(7, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def _same(eager, static):
-    assert [c.ids for c in static] == [c.ids for c in eager]
-    assert [c.finish_reason for c in static] == [c.finish_reason for c in eager]
-    for a, b in zip(eager, static):
-        torch.testing.assert_close(
-            torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=ATOL, rtol=0
-        )
-
-
-def _both(model, prompts, params, seed=0, **kw):
-    eager = sample(model, prompts, params, torch.Generator().manual_seed(seed), **kw)
-    static = sample(model, prompts, params, torch.Generator().manual_seed(seed), compile=True, **kw)
-    return eager, static
-
-
 def test_bucket_by_hand():
     assert [graphs.bucket(n, 8) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
     assert graphs.bucket(65, 64) == 128 and graphs.bucket(3, 1) == 4
@@ -89,7 +58,7 @@ def test_rows_retire_through_smaller_buckets_and_wider_windows(gqa_model, static
         for i in range(len(prompts))
     ]
     eager, static = _both(gqa_model, prompts, params, seed=4)
-    _same(eager, static)
+    _assert_same(eager, static)
     slots = [s for s, _ in seen]
     assert slots[0] == 64 and slots == sorted(slots, reverse=True)
     assert {8, 16, 32} <= set(slots)
@@ -103,8 +72,8 @@ def test_greedy_and_sampled_rows_and_a_half_cache(gqa_model, static_step):
         SamplingParams(temperature=0.0 if i % 2 else 0.7, max_new_tokens=20)
         for i in range(len(prompts))
     ]
-    _same(*_both(gqa_model, prompts, params, seed=5))
-    _same(*_both(gqa_model, prompts, params, seed=5, kv_cache="float16"))
+    _assert_same(*_both(gqa_model, prompts, params, seed=5))
+    _assert_same(*_both(gqa_model, prompts, params, seed=5, kv_cache="float16"))
 
 
 def test_buffers_are_kept_across_decodes_and_dropped_when_weights_move(gqa_model, static_step):
@@ -112,19 +81,19 @@ def test_buffers_are_kept_across_decodes_and_dropped_when_weights_move(gqa_model
     model = gqa_model
     prompts = _prompts(5, model.config.vocab_size, seed=3)
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
-    _same(*_both(model, prompts, params, seed=6))
+    _assert_same(*_both(model, prompts, params, seed=6))
     first = kepts[-1][8]
     # another decode of the same width and rounded prompt length reuses the buffers, whose
     # stale columns are masked: the same rows as a fresh runner's
     prompts2 = _prompts(5, model.config.vocab_size, seed=4)
-    _same(*_both(model, prompts2, params, seed=7))
+    _assert_same(*_both(model, prompts2, params, seed=7))
     assert kepts[-1][8] is first
     # a replaced parameter (not updated in place) drops them
     emb = model.model.embed_tokens
     old = emb.weight
     emb.weight = torch.nn.Parameter(old.detach().clone())
     try:
-        _same(*_both(model, prompts2, params, seed=7))
+        _assert_same(*_both(model, prompts2, params, seed=7))
         assert kepts[-1][8] is not first
     finally:
         emb.weight = old
@@ -183,4 +152,4 @@ def test_captured_step_matches_eager_on_cuda(gqa_model):
     params = [SamplingParams(temperature=1.0, max_new_tokens=2 + 2 * i) for i in range(40)]
     eager = sample(model, prompts, params, torch.Generator("cuda").manual_seed(4))
     graphed = sample(model, prompts, params, torch.Generator("cuda").manual_seed(4), compile=True)
-    _same(eager, graphed)
+    _assert_same(eager, graphed)
