@@ -29,7 +29,7 @@ steps end to end (wall clock from the end of one step to the end of the next). E
 torch thread (two threads on a loaded 2-core box stall; FINDINGS.md), and the sides alternate
 TRL/ours/TRL/ours. The speedup is the median over repeats of (ours tok/s / TRL tok/s), each pair
 measured back to back. Models: ``llama3m`` (about 3.2M parameters, random weights, built from a
-config with the embedded tokenizer) and ``default`` (the embedded default, built on first use).
+config with the embedded tokenizer) and ``default`` (the embedded default: the shipped base).
 
     pip install -e '.[bench]'                        # TRL is a bench-only extra
     python bench/grpo_vs_trl.py                      # both models, 3 repeats x 3 timed steps

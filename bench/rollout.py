@@ -22,7 +22,8 @@ Two models are measured:
 
 - ``llama3m``: a Llama of about 3.2M parameters (width 256, 4 layers), random weights built
   from a config with the embedded tokenizer and saved to a temporary directory;
-- ``default``: the embedded default model (``aha pretrain``; built on first use, then cached).
+- ``default``: the embedded default model, the shipped base ``aha zero`` starts from (built by
+  ``aha pretrain`` on first use only where none is shipped).
 
 **Compile time counts.** Nothing is warmed up: round 0 is every side's first call in this
 process, timed like the others. ``hf_compiled`` compiles into a fresh, empty inductor cache
@@ -96,9 +97,11 @@ class Sizes:
 
 def model_dirs(names: list[str], tmp: Path, console: Console) -> dict[str, Path]:
     """Directories holding each named model's weights and tokenizer (all sides load them)."""
-    from ahamoment.stages.pretrain import PretrainConfig, pretrain
+    from ahamoment.base_models import embedded_base
+    from ahamoment.stages.pretrain import PretrainConfig
 
-    default = pretrain(PretrainConfig(task="countdown"), console)
+    # the base aha zero starts from: shipped with the package (built only where none is)
+    default = embedded_base(PretrainConfig(task="countdown"), console)
     dirs = {}
     for name in names:
         if name == "default":
