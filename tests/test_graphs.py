@@ -12,7 +12,7 @@ import torch
 
 from ahamoment.logprobs import left_pad
 from ahamoment.models import new_model
-from ahamoment.rollout import graphs, sampler
+from ahamoment.rollout import compiled, graphs, sampler
 from ahamoment.rollout.sampler import SamplingParams, sample
 from test_compiled_decode import _assert_same, _both, _prompts  # eager-vs-compiled helpers
 
@@ -139,7 +139,7 @@ def test_step_past_the_cache_width_is_refused(gqa_model):
 
 
 def test_unsupported_model_decodes_eagerly_with_one_warning(gqa_model, monkeypatch):
-    monkeypatch.setattr(graphs, "_warned", set())
+    monkeypatch.setattr(compiled, "_warned", set())
     monkeypatch.setattr(gqa_model.model.rotary_emb, "rope_type", "dynamic", raising=False)
     with pytest.warns(RuntimeWarning, match="CUDA graphs off.*dynamic"):
         assert graphs.graphed_runner(gqa_model, 64) is None

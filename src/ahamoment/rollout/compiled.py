@@ -1105,10 +1105,11 @@ _threaded: set[int] = set()  # ids of the libraries that may split work over tor
 _lib_error: str | None = None
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, what: str = "fused decoding") -> None:
+    """One warning line per reason: ``what`` is off, decoding runs eagerly."""
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"fused decoding off, decoding eagerly: {reason}", RuntimeWarning, 3)
+        warnings.warn(f"{what} off, decoding eagerly: {reason}", RuntimeWarning, 3)
 
 
 def _compiler() -> str | None:
@@ -1279,21 +1280,30 @@ class _Product:
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies independent of length
 
 
-def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
-    """Why the fused step cannot decode ``model`` up to ``max_len`` tokens, or None."""
+def shape_unsupported(model: PreTrainedModel, max_len: int) -> str | None:
+    """Why no step of fixed layout (this fused one, ``graphs.py``'s) can decode ``model`` up to
+    ``max_len`` tokens, or None: not Llama-like, a shorter sliding window, or RoPE frequencies
+    that depend on the sequence length."""
     if not decoder.supports(model):
         return f"model type {getattr(model.config, 'model_type', '?')!r} is not Llama-like"
     if not decoder.fits_window(model, max_len):
         return f"sliding-window attention shorter than {max_len} tokens"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope not in _ROPE_TYPES:
+        return f"RoPE type {rope!r} (frequencies must not depend on the sequence length)"
+    return None
+
+
+def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
+    """Why the fused step cannot decode ``model`` up to ``max_len`` tokens, or None."""
+    if (reason := shape_unsupported(model, max_len)) is not None:
+        return reason
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
         return f"fp32 on CPU only (got {p.dtype} on {p.device.type})"
     cfg = model.config
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"activation {getattr(cfg, 'hidden_act', None)!r} (SiLU only)"
-    rope = getattr(model.model.rotary_emb, "rope_type", "default")
-    if rope not in _ROPE_TYPES:
-        return f"RoPE type {rope!r} (frequencies must not depend on the sequence length)"
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
@@ -1346,8 +1356,8 @@ class SpareCaches:
 
     A fresh cache is tens of MB (a 128-row rollout of the embedded model: 2 x 34 MB), which
     the allocator takes from the OS anew every decode; each page is then faulted in and zeroed
-    by the kernel when decoding first writes it. A kept buffer's pages are already there. Its old contents are harmless: the fused step reads only
-    cache columns it wrote this decode (and zeroes a key tile when it writes its first column).
+    by the kernel when decoding first writes it. A kept buffer's pages are already there. Its
+    old contents are harmless: the fused step reads only cache columns it wrote this decode (and zeroes a key tile when it writes its first column).
     Thread-safe; keeps at most ``limit`` bytes, the most recently returned buffers first."""
 
     def __init__(self, limit: int = 256 << 20) -> None:

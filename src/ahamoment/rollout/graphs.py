@@ -33,7 +33,6 @@ step; the capture and replay are written against torch's documented API
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from transformers import PreTrainedModel
 
 from ahamoment import decoder
 from ahamoment.lora_linear import linear, mlp
+from ahamoment.rollout import compiled
 
 MIN_SLOTS = 8
 """The smallest slot bucket."""
@@ -54,24 +54,11 @@ buffers and graphs."""
 KEEP_BYTES = 2 << 30
 """Buffers (and so graphs) outlive their decode only while they take at most this many bytes:
 a larger cache is freed for the trainer when its decode ends."""
-_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # no data-dependent host sync in RoPE
 
 
 def bucket(n: int, least: int) -> int:
     """The smallest power of two >= max(n, least)."""
     return 1 << (max(n, least) - 1).bit_length()
-
-
-def unsupported(model: PreTrainedModel, max_len: int) -> str | None:
-    """Why the graphed step cannot decode ``model`` up to ``max_len`` tokens, or None."""
-    if not decoder.supports(model):
-        return f"model type {getattr(model.config, 'model_type', '?')!r} is not Llama-like"
-    if not decoder.fits_window(model, max_len):
-        return f"sliding-window attention shorter than {max_len} tokens"
-    rope = getattr(model.model.rotary_emb, "rope_type", "default")
-    if rope not in _ROPE_TYPES:
-        return f"RoPE type {rope!r} (its frequencies depend on the sequence length)"
-    return None
 
 
 @dataclass
@@ -229,7 +216,7 @@ class StaticLlama:
             try:
                 got = b.graphs[W] = self._capture(b, W)
             except RuntimeError as e:  # a module that cannot be captured: eager from now on
-                warnings.warn(f"CUDA graphs off, decoding eagerly: {e}", RuntimeWarning, 2)
+                compiled._warn_once(str(e), "CUDA graphs")
                 self.capture = False
                 return self._forward(b, W)
         graph, out = got
@@ -284,16 +271,11 @@ def graphed_runner(
 ) -> StaticLlama | None:
     """The graphed step for ``model`` on CUDA, or None (eager) after one warning line where
     it cannot run."""
-    reason = unsupported(model, max_len)
+    reason = compiled.shape_unsupported(model, max_len)
     if reason is None:
         return StaticLlama(model, kv_cache)
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"CUDA graphs off, decoding eagerly: {reason}", RuntimeWarning, 3)
+    compiled._warn_once(reason, "CUDA graphs")
     return None
-
-
-_warned: set[str] = set()
 
 
 def _release(kept: _Kept) -> None:

@@ -331,8 +331,8 @@ def sample_stream(
     indices; a row with ``max_new_tokens == 0`` yields nothing. ``tokenizer`` is needed only
     for stop strings. ``compile``: decode with the fused step (``compiled.py``; on CUDA from
     CUDA graphs, ``graphs.py``; eager after one warning where it cannot run); the same tokens
-    up to float rounding. ``kv_cache``: what
-    the key/value cache holds (``decoder.KV_CACHE``: model, the model's dtype; float16).
+    up to float rounding. ``kv_cache``: what the key/value cache holds (``decoder.KV_CACHE``:
+    model, the model's dtype; float16).
     """
     for rows, toks, lps, ends in _steps(
         model, prompts, params, generator, pad_id, tokenizer, compile, kv_cache
@@ -698,7 +698,8 @@ class TorchEngine:
 @ENGINES.register("torch")
 class FusedTorchEngine(TorchEngine):
     """The default engine: our sampler with the fused decoding step (``compiled.py``; on CUDA
-    replayed from CUDA graphs, ``graphs.py``), eager after one warning line where it cannot run (``--engine torch-eager`` asks for eager).
+    replayed from CUDA graphs, ``graphs.py``), eager after one warning line where it cannot
+    run (``--engine torch-eager`` asks for eager).
     ``kv_cache="float16"`` halves the bytes its attention reads (``decoder.KV_CACHE``)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, **options: Any) -> None:
